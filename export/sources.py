@@ -1,0 +1,224 @@
+"""Loading a MedSAM model for export: a Hugging Face hub id, a local ``SamModel`` directory, or fixed random weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import SamConfig, SamModel
+from transformers.utils import logging as hf_logging
+
+from medsam_rt.errors import ExportError
+
+DEFAULT_MODEL = "flaviagiammarino/medsam-vit-base"
+ARCHS = ("vit-base", "tiny")
+RANDOM_SEED = 20240527
+# PIL resampling enum values as transformers stores them in preprocessor_config.json
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Source:
+    """A loaded model ready to export."""
+
+    model: SamModel
+    preprocessing: dict[str, Any]
+    info: dict[str, Any]
+    processor_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, whitespace collapsed, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tiny_config() -> SamConfig:
+    """A tiny SAM: same 1024 input, 64x64 token grid and 256x256 low-res masks as ViT-B, ~0.2 M parameters."""
+    return SamConfig(
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_dim=64,
+            output_channels=32,
+            global_attn_indexes=[1],
+            window_size=14,
+            image_size=1024,
+            patch_size=16,
+            num_pos_feats=16,
+        ),
+        prompt_encoder_config=dict(hidden_size=32, image_size=1024, mask_input_channels=8),
+        mask_decoder_config=dict(
+            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+    )
+
+
+def _randomize(model: SamModel, seed: int) -> None:
+    """Fixed random weights scaled like a trained net (unit-variance activations, logits of order 1),
+    so random-weight masks are not all decided by rounding noise around zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                std = param[0].numel() ** -0.5
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            elif name.endswith("weight") and "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def random_source(arch: str) -> Source:
+    """The architecture ``arch`` with fixed random weights (deterministic across runs)."""
+    if arch not in ARCHS:
+        raise ExportError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    torch.manual_seed(RANDOM_SEED)  # also fixes the positional-embedding buffer
+    config = tiny_config() if arch == "tiny" else SamConfig()
+    config._attn_implementation = "eager"
+    model = SamModel(config).eval()
+    _randomize(model, RANDOM_SEED)
+    processor = default_processor_config()
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    return Source(
+        model=model,
+        preprocessing=preprocessing_from_processor(processor),
+        processor_config=processor,
+        info={
+            "source": f"random:{arch}",
+            "kind": "random",
+            "arch": arch,
+            "checksum": "sha256:" + digest.hexdigest(),
+            "random_weights": True,
+        },
+    )
+
+
+def default_processor_config() -> dict[str, Any]:
+    """``SamImageProcessor``'s default config (the PIL/numpy backend on transformers 5, the only one on 4.57)."""
+    try:
+        from transformers import SamImageProcessorPil as processor_class  # transformers >= 5
+    except ImportError:
+        from transformers import SamImageProcessor as processor_class
+    return processor_class().to_dict()
+
+
+def preprocessing_from_processor(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Translate a ``SamImageProcessor`` config (``preprocessor_config.json``) into the manifest vocabulary."""
+
+    def get(key: str, default: Any) -> Any:
+        value = cfg.get(key)
+        return default if value is None else value
+
+    if not get("do_resize", True) or not get("do_pad", True):
+        raise ExportError("preprocessor_config.json sets do_resize or do_pad to false; medsam-rt needs both")
+    size = get("size", {"longest_edge": 1024})
+    if "longest_edge" not in size:
+        raise ExportError(f"preprocessor_config.json size {size} has no 'longest_edge'; unsupported resize")
+    pad = get("pad_size", {"height": 1024, "width": 1024})
+    resample = get("resample", 2)
+    if resample not in _RESAMPLE_NAMES:
+        raise ExportError(f"preprocessor_config.json resample={resample!r} is not a known Pillow filter")
+    do_rescale, do_norm = get("do_rescale", True), get("do_normalize", True)
+    return {
+        "recipe": "hf-sam-image-processor",
+        "resize": "longest_side",
+        "size": int(size["longest_edge"]),
+        "interpolation": _RESAMPLE_NAMES[resample],
+        "normalize": "rescale_mean_std",
+        "rescale_factor": float(get("rescale_factor", 1 / 255)) if do_rescale else 1.0,
+        "image_mean": [float(v) for v in get("image_mean", [0.485, 0.456, 0.406])] if do_norm else [0.0] * 3,
+        "image_std": [float(v) for v in get("image_std", [0.229, 0.224, 0.225])] if do_norm else [1.0] * 3,
+        "pad_size": [int(pad["height"]), int(pad["width"])],
+        "postprocess": "upscale_crop_resize",
+        "mask_threshold": 0.0,
+    }
+
+
+def _offline_hint(model: str) -> str:
+    return (
+        f"cannot fetch '{model}' from the Hugging Face hub (no network or not found). Offline options: "
+        "--model DIR (a local SamModel checkpoint with preprocessor_config.json), "
+        "or --random-weights --arch vit-base|tiny"
+    )
+
+
+def hf_source(model: str) -> Source:
+    """Load a ``SamModel`` from a local directory or a hub id (downloaded into the HF cache)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ExportError(f"--model {model} is a file; expected a SamModel directory or a hub id")
+        kind, directory = "hf_dir", path
+    else:
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise ExportError(f"--model {model}: no such directory, and not a hub id of the form owner/name")
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin"]))
+        except Exception as exc:  # hub errors come in many types (HTTP, offline, auth)
+            raise ExportError(f"{_offline_hint(model)} [{type(exc).__name__}]") from None
+        kind = "hf_hub"
+    for name in ("config.json", "preprocessor_config.json"):
+        if not (directory / name).is_file():
+            raise ExportError(f"{directory} has no {name}; a SamModel checkpoint needs config.json and {name}")
+    weights = [directory / w for w in _WEIGHT_FILES if (directory / w).is_file()]
+    if not weights:
+        raise ExportError(f"{directory} has no weights ({' or '.join(_WEIGHT_FILES)})")
+    try:
+        processor = json.loads((directory / "preprocessor_config.json").read_text())
+        config = SamConfig.from_pretrained(directory)
+        config._attn_implementation = "eager"
+        sam, info = SamModel.from_pretrained(
+            directory, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except Exception as exc:  # a corrupt or foreign checkpoint: say which file and why, in one line
+        raise ExportError(f"cannot load SamModel from {directory}: {type(exc).__name__}: {one_line(exc)}") from None
+    # transformers only warns about missing/mismatched weights and initialises them randomly: refuse instead
+    problems = {
+        kind: [k for k in info.get(kind, []) if "positional_embedding" not in str(k)]
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items())
+        raise ExportError(f"checkpoint in {directory} does not match its SamModel config: {detail}")
+    sam = sam.eval()
+    vision = config.vision_config
+    return Source(
+        model=sam,
+        preprocessing=preprocessing_from_processor(processor),
+        processor_config=processor,
+        info={
+            "source": model if kind == "hf_hub" else str(path.resolve()),
+            "kind": kind,
+            "arch": f"sam-vit hidden={vision.hidden_size} layers={vision.num_hidden_layers}",
+            "checksum": _sha256_files([directory / "config.json", directory / "preprocessor_config.json", *weights]),
+            "random_weights": False,
+        },
+    )
+
+
+def load_source(model: str, random_weights: bool = False, arch: str = "vit-base") -> Source:
+    """Resolve the CLI's ``--model``/``--random-weights``/``--arch`` into a loaded :class:`Source`."""
+    hf_logging.set_verbosity_error()  # medsam-rt checks loading itself and reports problems as errors
+    return random_source(arch) if random_weights else hf_source(model)

@@ -1,0 +1,51 @@
+"""Typed errors raised by medsam-rt.
+
+Every error a user can cause is a subclass of :class:`MedSAMError` *and* of
+``ValueError`` (bad input) or ``RuntimeError`` (environment), so callers can
+catch them either way. Messages name the offending value and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class MedSAMError(Exception):
+    """Base class of every error medsam-rt raises on purpose."""
+
+
+class InvalidImageError(MedSAMError, ValueError):
+    """The image is unreadable, empty, of an unsupported shape/dtype or holds NaN/Inf."""
+
+
+class InvalidBoxError(MedSAMError, ValueError):
+    """A box is malformed: wrong shape, NaN/Inf, inverted, zero-area or outside the image."""
+
+
+class ModelDirError(MedSAMError, ValueError):
+    """A model directory is missing files, has an unknown manifest or inconsistent graphs."""
+
+
+class EmbeddingMismatchError(MedSAMError, ValueError):
+    """An :class:`ImageEmbedding` was made by another model than the one asked to decode it."""
+
+
+class ProviderUnavailableError(MedSAMError, RuntimeError):
+    """The requested device has no ONNX Runtime execution provider on this host."""
+
+
+class ExportError(MedSAMError, RuntimeError):
+    """Export failed: the source model cannot be loaded or converted."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with PyTorch beyond tolerance; nothing was written."""
+
+    def __init__(self, graph: str, output: str, case: str, max_abs_diff: float, tolerance: float) -> None:
+        self.graph = graph
+        self.output = output
+        self.case = case
+        self.max_abs_diff = max_abs_diff
+        self.tolerance = tolerance
+        super().__init__(
+            f"parity check failed for {graph} output '{output}' ({case}): "
+            f"max abs diff {max_abs_diff:.3g} > tolerance {tolerance:.3g}"
+        )

@@ -1,0 +1,64 @@
+"""Reading images and writing results (atomically)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidImageError
+
+Image.MAX_IMAGE_PIXELS = 400_000_000  # large scans are legitimate; still bounded against decompression bombs
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file into an array, keeping its bit depth.
+
+    PNG/JPEG/TIFF/BMP/... via Pillow: 8-bit files give uint8 ``(H, W)`` or
+    ``(H, W, 3|4)``; 16-bit grayscale gives uint16; 32-bit integer/float
+    TIFFs give int32/float32. Palette and other modes are converted to RGB(A).
+    Multi-page files: the first page.
+
+    Raises:
+        InvalidImageError: missing, unreadable or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidImageError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L"):
+                return np.array(img, dtype=np.uint16)
+            if img.mode not in ("L", "RGB", "RGBA", "I", "F"):
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+            return np.array(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImageError(f"cannot read image {path}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"{path} is too large: {exc}") from None
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place.
+
+    A failure leaves ``path`` untouched and no temporary file behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))

@@ -1,0 +1,170 @@
+"""The facade: ``MedSAM.load(dir)`` -> ``embed(image)`` once -> ``segment(embedding, boxes)`` many times."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError
+from .io import read_image
+from .manifest import Manifest, load_manifest
+from .postprocess import sigmoid, upscale_logits
+from .preprocess import preprocess_image, scale_boxes, to_rgb_uint8, validate_boxes
+from .providers import create_session, resolve_device
+
+
+@dataclass(frozen=True, eq=False)
+class ImageEmbedding:
+    """The encoder's output for one image, plus what ``segment`` needs to map boxes and masks.
+
+    Attributes:
+        embeddings: float32 ``(1, C, 64, 64)`` image embedding.
+        original_size: ``(H, W)`` of the image as given.
+        resized_size: ``(h, w)`` of the resized image inside the encoder's padded input.
+        model_id: identity of the model that made it (``segment`` refuses others).
+    """
+
+    embeddings: np.ndarray
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    model_id: str
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Masks for N boxes at the original resolution.
+
+    Attributes:
+        boxes: float64 ``(N, 4)`` x0, y0, x1, y1 in original pixels, as given.
+        masks: bool ``(N, H, W)``: probability > 0.5.
+        probs: float32 ``(N, H, W)``: sigmoid of the upscaled logits.
+        scores: float32 ``(N,)``: the decoder's IoU estimate per box.
+        low_res_logits: float32 ``(N, 256, 256)``: raw decoder output in the encoder frame.
+    """
+
+    boxes: np.ndarray
+    masks: np.ndarray
+    probs: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+    def label_image(self) -> np.ndarray:
+        """uint8 ``(H, W)``: 0 background, ``k`` (1-based) for box ``k``; overlaps go to the most probable box."""
+        if self.masks.shape[0] > 255:
+            raise ValueError(f"a uint8 label image holds at most 255 boxes, got {self.masks.shape[0]}")
+        labels = np.zeros(self.masks.shape[1:], np.uint8)
+        if self.masks.shape[0]:
+            best = np.argmax(np.where(self.masks, self.probs, -1.0), axis=0)
+            labels[self.masks.any(axis=0)] = (best + 1)[self.masks.any(axis=0)]
+        return labels
+
+
+class MedSAM:
+    """A MedSAM model directory loaded on ONNX Runtime (no torch needed).
+
+    Use :meth:`load`; then :meth:`embed` each image once and :meth:`segment` it
+    with as many boxes as needed. Instances are safe to share between threads.
+    """
+
+    def __init__(self, manifest: Manifest, device: str, precision: str, threads: int | None = None) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.precision = precision
+        self.preprocessing = manifest.preprocessing
+        enc = manifest.graph("encoder", precision)
+        dec = manifest.graph("decoder", precision)
+        self._encoder = create_session(os.fspath(enc.path), device, threads)
+        self._decoder = create_session(os.fspath(dec.path), device, threads)
+        enc_in = self._encoder.get_inputs()[0]
+        if list(enc_in.shape[2:]) != list(self.preprocessing.pad_size):
+            raise ModelDirError(
+                f"{enc.path.name} expects input {enc_in.shape}, but the manifest pads to {self.preprocessing.pad_size}"
+            )
+
+    @classmethod
+    def load(
+        cls, model_dir: str | os.PathLike[str], device: str = "cpu", precision: str = "fp32", threads: int | None = None
+    ) -> MedSAM:
+        """Load an exported model directory.
+
+        Args:
+            model_dir: directory written by ``medsam-rt export``.
+            device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+            precision: which exported graph pair to run (``"fp32"``).
+            threads: intra-op threads; default: the physical cores.
+
+        Raises:
+            ModelDirError: the directory is not a valid model directory.
+            ProviderUnavailableError: the device is not available.
+        """
+        manifest = load_manifest(Path(model_dir))
+        return cls(manifest, resolve_device(device), precision, threads)
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    def embed(self, image: np.ndarray | str | os.PathLike[str]) -> ImageEmbedding:
+        """Encode one image (run the heavy encoder once).
+
+        Args:
+            image: a file path (PNG, JPEG, TIFF, ...) or an array ``(H, W)``,
+                ``(H, W, 1|3|4)`` of uint8, uint16 or float (see
+                :func:`medsam_rt.preprocess.to_rgb_uint8` for intensity handling).
+
+        Raises:
+            InvalidImageError: unreadable file or unsupported array.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        rgb = to_rgb_uint8(image)
+        pixel_values, resized = preprocess_image(rgb, self.preprocessing)
+        (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
+        return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
+
+    def segment(self, embedding: ImageEmbedding, boxes: Any) -> Segmentation:
+        """Decode masks for boxes on an embedded image.
+
+        Args:
+            embedding: from :meth:`embed` of this model.
+            boxes: ``(N, 4)`` (or four numbers) x0, y0, x1, y1 in original pixel
+                coordinates, ``0 <= x0 < x1 <= W``, ``0 <= y0 < y1 <= H``.
+
+        Raises:
+            InvalidBoxError: malformed or out-of-image boxes.
+            EmbeddingMismatchError: the embedding came from another model.
+        """
+        if not isinstance(embedding, ImageEmbedding):
+            raise EmbeddingMismatchError(
+                f"expected an ImageEmbedding from MedSAM.embed, got {type(embedding).__name__}"
+            )
+        if embedding.model_id != self.model_id:
+            raise EmbeddingMismatchError(
+                f"embedding was made by model {embedding.model_id!r}, not by this model {self.model_id!r}; "
+                "embed the image with this model"
+            )
+        boxes = validate_boxes(boxes, embedding.original_size)
+        scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size)
+        logits, scores = self._decoder.run(
+            ["low_res_logits", "iou_scores"], {"image_embeddings": embedding.embeddings, "boxes": scaled}
+        )
+        low_res = logits[:, 0]
+        full = upscale_logits(low_res, self.preprocessing, embedding.resized_size, embedding.original_size)
+        return Segmentation(
+            boxes=boxes,
+            masks=full > self.preprocessing.mask_threshold,
+            probs=sigmoid(full),
+            scores=scores[:, 0].astype(np.float32),
+            low_res_logits=low_res,
+        )
+
+    def predict(self, image: np.ndarray | str | os.PathLike[str], boxes: Any) -> Segmentation:
+        """``segment(embed(image), boxes)`` in one call."""
+        return self.segment(self.embed(image), boxes)
+
+
+__all__ = ["ImageEmbedding", "InvalidImageError", "MedSAM", "Segmentation"]

@@ -1,0 +1,41 @@
+"""The overlay figure: left, the image with its boxes; right, the image with the masks overlaid and the boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = np.array(
+    [(30, 144, 255), (255, 99, 71), (50, 205, 50), (255, 215, 0), (186, 85, 211), (0, 206, 209), (255, 140, 0)],
+    np.uint8,
+)
+
+
+def overlay_figure(rgb: np.ndarray, boxes: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Build the side-by-side figure.
+
+    Args:
+        rgb: uint8 ``(H, W, 3)`` image.
+        boxes: ``(N, 4)`` x0, y0, x1, y1 in the image's pixels.
+        masks: bool ``(N, H, W)``.
+
+    Returns:
+        uint8 ``(H, 2 * W + gap, 3)`` figure.
+    """
+    h, w = rgb.shape[:2]
+    blended = rgb.astype(np.float32)
+    for k, mask in enumerate(masks):
+        color = PALETTE[k % len(PALETTE)].astype(np.float32)
+        blended[mask] = (1 - alpha) * blended[mask] + alpha * color
+    gap = max(4, w // 50)
+    fig = np.full((h, 2 * w + gap, 3), 255, np.uint8)
+    fig[:, :w] = rgb
+    fig[:, w + gap :] = blended.round().astype(np.uint8)
+    img = Image.fromarray(fig)
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(h, w) / 300))
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        color = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+        for dx in (0, w + gap):
+            draw.rectangle([x0 + dx, y0, max(x0, x1 - 1) + dx, max(y0, y1 - 1)], outline=color, width=width)
+    return np.asarray(img)

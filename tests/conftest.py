@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random-weight SAM exports (one per processor config), built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A second processor config that differs from SamImageProcessor's defaults in every knob medsam-rt reads.
+CUSTOM_PROCESSOR = dict(
+    size={"longest_edge": 1024},
+    resample=3,  # bicubic
+    rescale_factor=1 / 255,
+    image_mean=[0.5, 0.4, 0.3],
+    image_std=[0.25, 0.2, 0.3],
+    pad_size={"height": 1024, "width": 1024},
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    from medsam_rt_export.sources import random_source
+
+    return random_source("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Export of the tiny random SAM with SamImageProcessor's default config (the seed's path)."""
+    from medsam_rt_export import export_model
+
+    return export_model(tmp_path_factory.mktemp("models") / "tiny", random_weights=True, arch="tiny")
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, tiny_source) -> Path:
+    """A local Hugging Face SamModel checkpoint (tiny weights, CUSTOM_PROCESSOR) as a user would have on disk."""
+    from transformers import SamImageProcessor
+
+    d = tmp_path_factory.mktemp("hf") / "tiny-sam"
+    tiny_source.model.save_pretrained(d)
+    SamImageProcessor(**CUSTOM_PROCESSOR).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def custom_dir(tmp_path_factory, hf_dir) -> Path:
+    """Export from the local checkpoint directory ``hf_dir`` (exercises the local-dir loading path)."""
+    from medsam_rt_export import export_model
+
+    return export_model(tmp_path_factory.mktemp("models") / "custom", model=str(hf_dir))
+
+
+@pytest.fixture(scope="session")
+def hf_reference(hf_dir):
+    """The seed's PyTorch path for ``hf_dir``: (SamProcessor, SamModel)."""
+    from transformers import SamModel, SamProcessor
+
+    return SamProcessor.from_pretrained(hf_dir), SamModel.from_pretrained(hf_dir).eval()
+
+
+def rng_image(shape, dtype=np.uint8, seed=0) -> np.ndarray:
+    """A smooth random image (blobs, not white noise) so masks have structure."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.zeros((h, w), np.float64)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.4) * max(h, w)
+        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    img = img / img.max()
+    if len(shape) == 3:
+        img = np.stack([img * (0.6 + 0.4 * c / shape[2]) for c in range(shape[2])], axis=2)
+    if dtype == np.uint8:
+        return (img * 255).round().astype(np.uint8)
+    if dtype == np.uint16:
+        return (img * 60000 + 100).round().astype(np.uint16)
+    return img.astype(dtype)
+
+
+def manifest_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "manifest.json").read_text())
