@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InvalidImageError
+from .errors import InvalidImageError, MedSAMError
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # large scans are legitimate; still bounded against decompression bombs
 
@@ -41,6 +41,15 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InvalidImageError(f"cannot read image {path}: {exc}") from None
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{path} is too large: {exc}") from None
+
+
+def check_parent_writable(path: Path, what: str, error: type[MedSAMError]) -> None:
+    """Raise ``error`` unless ``path``'s parent directory exists and is writable (checked before slow work)."""
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise error(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise error(f"{what} {path}: directory {parent} is not writable")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:

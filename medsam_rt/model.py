@@ -148,7 +148,7 @@ class MedSAM:
                 "embed the image with this model"
             )
         boxes = validate_boxes(boxes, embedding.original_size)
-        scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size)
+        scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
         logits, scores = self._decoder.run(
             ["low_res_logits", "iou_scores"], {"image_embeddings": embedding.embeddings, "boxes": scaled}
         )

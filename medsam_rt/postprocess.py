@@ -2,9 +2,9 @@
 
 Bilinear resizing (``align_corners=False``, no antialiasing, as
 ``torch.nn.functional.interpolate``) is linear and separable, so each resize is
-a small ``(out, in)`` matrix per axis. The whole chain "upscale to the padded
-input, crop the unpadded region, resize to the original size" collapses into
-one matrix per axis, applied as ``rows @ logits @ cols.T``: exact, and far
+a small ``(out, in)`` matrix per axis. A whole chain such as "upscale to the
+padded input, crop the unpadded region, resize to the original size" collapses
+into one matrix per axis, applied as ``rows @ logits @ cols.T``: exact, and far
 cheaper than materialising the intermediate 1024x1024 logits.
 """
 
@@ -14,30 +14,24 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import ModelDirError
 from .preprocess import Preprocessing
+from .resample import bilinear_matrix
 
 
 @lru_cache(maxsize=64)
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """``(out_size, in_size)`` float64 matrix of 1-D bilinear resizing, half-pixel centres."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = src - i0
-    m = np.zeros((out_size, in_size))
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), 1.0 - frac)
-    np.add.at(m, (rows, i1), frac)
-    m.setflags(write=False)
-    return m
-
-
-@lru_cache(maxsize=64)
-def _axis_matrix(low_res: int, padded: int, resized: int, original: int) -> np.ndarray:
-    """float32 ``(original, low_res)``: upscale to ``padded``, keep ``[:resized]``, resize to ``original``."""
-    up = bilinear_matrix(padded, low_res)[:resized]
-    m = (bilinear_matrix(original, resized) @ up).astype(np.float32)
+def _axis_matrix(mode: str, low_res: int, padded: int, resized: int, original: int) -> np.ndarray:
+    """float32 ``(original, low_res)``: the whole postprocessing chain along one axis."""
+    if mode == "upscale_crop_resize":  # low-res -> padded input, keep [:resized], -> original
+        chain = bilinear_matrix(original, resized) @ bilinear_matrix(padded, low_res)[:resized]
+    elif mode == "crop_resize":  # keep [:resized] of the low-res logits (low_res == padded), -> original
+        if low_res != padded:
+            raise ModelDirError(f"postprocess 'crop_resize' needs low-res logits at the input size {padded}")
+        chain = np.zeros((original, low_res))
+        chain[:, :resized] = bilinear_matrix(original, resized)
+    else:  # "resize": low-res -> original (square resize, no padding)
+        chain = bilinear_matrix(original, low_res)
+    m = chain.astype(np.float32)
     m.setflags(write=False)
     return m
 
@@ -60,8 +54,8 @@ def upscale_logits(
         float32 ``(N, H, W)`` logits in original pixel coordinates.
     """
     n, lh, lw = low_res_logits.shape
-    rows = _axis_matrix(lh, p.pad_size[0], resized_size[0], original_size[0])
-    cols = _axis_matrix(lw, p.pad_size[1], resized_size[1], original_size[1])
+    rows = _axis_matrix(p.postprocess, lh, p.pad_size[0], resized_size[0], original_size[0])
+    cols = _axis_matrix(p.postprocess, lw, p.pad_size[1], resized_size[1], original_size[1])
     return np.matmul(np.matmul(rows, low_res_logits.astype(np.float32, copy=False)), cols.T)
 
 

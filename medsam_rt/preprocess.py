@@ -1,14 +1,23 @@
-"""Image and box preprocessing, in numpy (+ Pillow for resampling).
+"""Image and box preprocessing, in numpy (+ Pillow for its resampling filters).
 
 The recipe is *declared* by the model directory's manifest (``preprocessing``)
 and parsed into :class:`Preprocessing`; nothing here is special-cased by model
-name. The Hugging Face recipe mirrors ``transformers.SamImageProcessor``:
+name. The vocabulary, one implementation per entry:
 
-1. intake: any image becomes ``(H, W, 3) uint8`` (:func:`to_rgb_uint8`);
-2. resize so the longest side is ``size`` (Pillow filter ``interpolation``),
-   the new side lengths rounded half up, as ``SamImageProcessor`` does;
-3. ``rescale_mean_std``: ``x * rescale_factor``, then ``(x - mean) / std``;
-4. pad bottom-right with zeros to ``pad_size`` and go channels-first.
+- intake: any image becomes ``(H, W, 3) uint8`` (:func:`to_rgb_uint8`);
+- ``resize``: ``longest_side`` (max(H, W) -> ``size``, aspect kept, sides
+  rounded half up) or ``square`` (``size`` x ``size``, aspect ignored);
+- ``interpolation``: a Pillow filter (``bilinear``, ``bicubic``, ...) or
+  ``area`` (OpenCV ``INTER_AREA``, :mod:`medsam_rt.resample`); the resized
+  image is uint8, as both references produce;
+- ``normalize``: ``rescale_mean_std`` (``(x * rescale_factor - mean) / std``,
+  transformers' ``SamImageProcessor``) or ``minmax`` (``(x - min) / max(max -
+  min, 1e-8)`` over the resized image, MedSAM's and LiteMedSAM's recipes);
+- zero padding bottom-right to ``pad_size``, channels first;
+- ``box_scale``: ``per_axis`` (x * resized_w / W, y * resized_h / H) or
+  ``longest_side`` (both * size / max(H, W)); ``box_round``: ``none`` or
+  ``floor`` (LiteMedSAM's reference truncates box coordinates to integers);
+- ``postprocess`` (see :mod:`medsam_rt.postprocess`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidBoxError, InvalidImageError, ModelDirError
+from .resample import apply_separable, area_matrices
 
 #: Pillow resampling filters by the names the manifest uses.
 PIL_FILTERS: dict[str, int] = {
@@ -31,25 +41,30 @@ PIL_FILTERS: dict[str, int] = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-RESIZE_MODES = ("longest_side",)
-NORMALIZE_MODES = ("rescale_mean_std",)
-POSTPROCESS_MODES = ("upscale_crop_resize",)
+INTERPOLATIONS = (*PIL_FILTERS, "area")
+RESIZE_MODES = ("longest_side", "square")
+NORMALIZE_MODES = ("rescale_mean_std", "minmax")
+BOX_SCALES = ("per_axis", "longest_side")
+BOX_ROUNDINGS = ("none", "floor")
+POSTPROCESS_MODES = ("upscale_crop_resize", "crop_resize", "resize")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """A preprocessing recipe as declared in a manifest (see ``docs`` / README).
+    """A preprocessing recipe as declared in a manifest (vocabulary: see the module docstring).
 
     Attributes:
-        resize: ``"longest_side"``: scale so max(H, W) == ``size``, keeping aspect.
-        size: target length of the longest side, in pixels.
-        interpolation: Pillow filter name (``"bilinear"``, ``"bicubic"``, ...).
-        normalize: ``"rescale_mean_std"``: ``(x * rescale_factor - mean) / std``.
-        rescale_factor: multiplier applied to the uint8 pixel values.
-        image_mean, image_std: per-channel (R, G, B) statistics after rescaling.
+        resize: ``"longest_side"`` or ``"square"``.
+        size: target length of the longest side (or of both sides), in pixels.
+        interpolation: Pillow filter name or ``"area"``.
+        normalize: ``"rescale_mean_std"`` or ``"minmax"``.
+        rescale_factor, image_mean, image_std: ``rescale_mean_std`` parameters (R, G, B).
         pad_size: ``(height, width)`` of the encoder input; padding is bottom-right zeros.
-        postprocess: ``"upscale_crop_resize"``: low-res logits -> ``pad_size``
-            (bilinear), crop the unpadded region, bilinear to the original size.
+        box_scale, box_round: how boxes map from original pixels to the encoder frame.
+        postprocess: ``"upscale_crop_resize"`` (low-res -> ``pad_size``, crop the
+            resized region, -> original size; transformers), ``"crop_resize"``
+            (crop the resized region at low resolution, -> original size;
+            LiteMedSAM) or ``"resize"`` (low-res -> original size; MedSAM's square recipe).
         mask_threshold: threshold on the logits (0.0 == probability 0.5).
     """
 
@@ -57,11 +72,13 @@ class Preprocessing:
     size: int
     interpolation: str
     normalize: str
-    rescale_factor: float
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
     pad_size: tuple[int, int]
     postprocess: str
+    rescale_factor: float = 1.0
+    image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    box_scale: str = "per_axis"
+    box_round: str = "none"
     mask_threshold: float = 0.0
 
     @classmethod
@@ -73,27 +90,31 @@ class Preprocessing:
                 size=int(data["size"]),
                 interpolation=str(data["interpolation"]),
                 normalize=str(data["normalize"]),
-                rescale_factor=float(data["rescale_factor"]),
-                image_mean=_triple(data["image_mean"]),
-                image_std=_triple(data["image_std"]),
                 pad_size=(int(data["pad_size"][0]), int(data["pad_size"][1])),
                 postprocess=str(data["postprocess"]),
+                rescale_factor=float(data.get("rescale_factor", 1.0)),
+                image_mean=_triple(data.get("image_mean", 0.0)),
+                image_std=_triple(data.get("image_std", 1.0)),
+                box_scale=str(data.get("box_scale", "per_axis")),
+                box_round=str(data.get("box_round", "none")),
                 mask_threshold=float(data.get("mask_threshold", 0.0)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelDirError(f"manifest 'preprocessing' is malformed: {exc!r}") from None
         for name, value, allowed in (
             ("resize", p.resize, RESIZE_MODES),
-            ("interpolation", p.interpolation, tuple(PIL_FILTERS)),
+            ("interpolation", p.interpolation, INTERPOLATIONS),
             ("normalize", p.normalize, NORMALIZE_MODES),
+            ("box_scale", p.box_scale, BOX_SCALES),
+            ("box_round", p.box_round, BOX_ROUNDINGS),
             ("postprocess", p.postprocess, POSTPROCESS_MODES),
         ):
             if value not in allowed:
-                raise ModelDirError(
-                    f"manifest preprocessing {name}={value!r} is not supported; expected one of {allowed}"
-                )
+                raise ModelDirError(f"manifest preprocessing {name}={value!r} unsupported; expected one of {allowed}")
         if p.size <= 0 or min(p.pad_size) < p.size or any(s == 0 for s in p.image_std):
             raise ModelDirError(f"manifest preprocessing sizes are inconsistent: size={p.size}, pad_size={p.pad_size}")
+        if p.postprocess == "resize" and (p.resize != "square" or p.pad_size != (p.size, p.size)):
+            raise ModelDirError("manifest postprocess='resize' needs resize='square' with no padding")
         return p
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,9 +199,33 @@ def _minmax_uint8(image: np.ndarray) -> np.ndarray:
 
 def resized_shape(original_size: tuple[int, int], p: Preprocessing) -> tuple[int, int]:
     """``(h, w)`` of the image after resizing, before padding (at least 1 pixel each)."""
+    if p.resize == "square":
+        return p.size, p.size
     h, w = original_size
     scale = p.size / max(h, w)
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def resize_uint8(rgb: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize an ``(H, W, 3) uint8`` image to ``size = (h, w)``; uint8 result, as Pillow and OpenCV return."""
+    if interpolation == "area":
+        rows, cols = area_matrices(size, rgb.shape[:2])
+        out = apply_separable(rgb, rows, cols)
+        # OpenCV's 2x2 fast path rounds halves up; elsewhere it rounds to nearest even
+        halving = rgb.shape[0] == 2 * size[0] and rgb.shape[1] == 2 * size[1]
+        out = np.floor(out + 0.5) if halving else np.rint(out)
+        return np.clip(out, 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=PIL_FILTERS[interpolation]))
+
+
+def normalize(resized: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """uint8 ``(h, w, 3)`` -> float32 per ``p.normalize``."""
+    if p.normalize == "minmax":
+        x = resized.astype(np.float64)
+        lo, hi = x.min(), x.max()
+        return ((x - lo) / max(hi - lo, 1e-8)).astype(np.float32)
+    x = (resized.astype(np.float64) * p.rescale_factor).astype(np.float32)
+    return (x - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
 
 
 def preprocess_image(rgb: np.ndarray, p: Preprocessing) -> tuple[np.ndarray, tuple[int, int]]:
@@ -191,9 +236,7 @@ def preprocess_image(rgb: np.ndarray, p: Preprocessing) -> tuple[np.ndarray, tup
         ``(h, w)`` (the unpadded region, top-left).
     """
     h, w = resized_shape(rgb.shape[:2], p)
-    resized = np.asarray(Image.fromarray(rgb).resize((w, h), resample=PIL_FILTERS[p.interpolation]))
-    x = (resized.astype(np.float64) * p.rescale_factor).astype(np.float32)
-    x = (x - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
+    x = normalize(resize_uint8(rgb, (h, w), p.interpolation), p)
     out = np.zeros((1, 3, *p.pad_size), np.float32)
     out[0, :, :h, :w] = x.transpose(2, 0, 1)
     return out, (h, w)
@@ -231,12 +274,20 @@ def validate_boxes(boxes: Any, original_size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], resized_size: tuple[int, int]) -> np.ndarray:
-    """Map ``(N, 4)`` boxes from original pixels to the encoder-input frame.
+def scale_boxes(
+    boxes: np.ndarray, original_size: tuple[int, int], resized_size: tuple[int, int], p: Preprocessing
+) -> np.ndarray:
+    """Map ``(N, 4)`` boxes from original pixels to the encoder-input frame; float32 ``(N, 4)``.
 
-    Each axis is scaled by resized/original length, as ``SamProcessor`` does.
-    Returns float32 ``(N, 4)``.
+    ``per_axis``: x by resized_w / W and y by resized_h / H (``SamProcessor``;
+    1024/W and 1024/H for a square resize). ``longest_side``: both by size / max(H, W).
     """
     (h, w), (rh, rw) = original_size, resized_size
-    factors = np.array([rw / w, rh / h, rw / w, rh / h])
-    return (boxes * factors).astype(np.float32)
+    if p.box_scale == "longest_side":
+        factors = np.full(4, p.size / max(h, w))
+    else:
+        factors = np.array([rw / w, rh / h, rw / w, rh / h])
+    scaled = boxes * factors
+    if p.box_round == "floor":
+        scaled = np.floor(scaled)
+    return scaled.astype(np.float32)

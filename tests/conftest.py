@@ -40,11 +40,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tiny_source) -> Path:
     """A local Hugging Face SamModel checkpoint (tiny weights, CUSTOM_PROCESSOR) as a user would have on disk."""
-    from transformers import SamImageProcessor
-
     d = tmp_path_factory.mktemp("hf") / "tiny-sam"
     tiny_source.model.save_pretrained(d)
-    SamImageProcessor(**CUSTOM_PROCESSOR).save_pretrained(d)
+    pil_image_processor(**CUSTOM_PROCESSOR).save_pretrained(d)
     return d
 
 
@@ -61,7 +59,33 @@ def hf_reference(hf_dir):
     """The seed's PyTorch path for ``hf_dir``: (SamProcessor, SamModel)."""
     from transformers import SamModel, SamProcessor
 
-    return SamProcessor.from_pretrained(hf_dir), SamModel.from_pretrained(hf_dir).eval()
+    processor = SamProcessor(image_processor=_pil_processor_class().from_pretrained(hf_dir))
+    return processor, SamModel.from_pretrained(hf_dir).eval()
+
+
+def pil_image_processor(**config):
+    """transformers' SamImageProcessor on its PIL/numpy backend, which medsam-rt mirrors bit for bit.
+
+    transformers >= 5 defaults to a torchvision backend when torchvision is installed; its bicubic resize
+    differs from Pillow's by one gray level on some pixels, so the tests pin the PIL backend
+    (``SamImageProcessorPil``; on 4.x ``SamImageProcessor`` is that backend).
+    """
+    return _pil_processor_class()(**config)
+
+
+def _pil_processor_class():
+    try:
+        from transformers import SamImageProcessorPil as cls
+    except ImportError:
+        from transformers import SamImageProcessor as cls
+    return cls
+
+
+def seed_processor(**config):
+    """``SamProcessor`` around :func:`pil_image_processor` (the seed's preprocessing + box handling)."""
+    from transformers import SamProcessor
+
+    return SamProcessor(image_processor=pil_image_processor(**config))
 
 
 def rng_image(shape, dtype=np.uint8, seed=0) -> np.ndarray:
@@ -85,3 +109,19 @@ def rng_image(shape, dtype=np.uint8, seed=0) -> np.ndarray:
 
 def manifest_of(model_dir: Path) -> dict:
     return json.loads((model_dir / "manifest.json").read_text())
+
+
+def seed_path(processor, sam, image, boxes):
+    """The seed's PyTorch path: SamProcessor -> SamModel(multimask_output=False) -> post_process_masks.
+
+    Returns float32 (N, H, W) logits at the original size and (N,) IoU scores.
+    """
+    import torch
+
+    inputs = processor(images=image, input_boxes=[boxes], return_tensors="pt")
+    with torch.no_grad():
+        out = sam(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False)
+    logits = processor.image_processor.post_process_masks(
+        out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False
+    )[0][:, 0].numpy()
+    return logits, out.iou_scores[0, :, 0].numpy()

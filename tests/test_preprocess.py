@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import CUSTOM_PROCESSOR, rng_image
+from conftest import CUSTOM_PROCESSOR, pil_image_processor, rng_image, seed_processor
 from PIL import Image
-from transformers import SamImageProcessor, SamProcessor
 
 from medsam_rt.errors import InvalidBoxError, InvalidImageError
-from medsam_rt.postprocess import bilinear_matrix, upscale_logits
+from medsam_rt.postprocess import upscale_logits
 from medsam_rt.preprocess import (
     Preprocessing,
     preprocess_image,
@@ -21,13 +20,16 @@ from medsam_rt.preprocess import (
     to_rgb_uint8,
     validate_boxes,
 )
+from medsam_rt.resample import bilinear_matrix
+from medsam_rt_export.checkpoints import MEDSAM_ORIGINAL_PREPROCESSING
+from medsam_rt_export.lite import LITE_PREPROCESSING
 from medsam_rt_export.sources import preprocessing_from_processor
 
 CONFIGS = {"default": {}, "custom": CUSTOM_PROCESSOR}
 
 
 def _pair(name):
-    hf = SamImageProcessor(**CONFIGS[name])
+    hf = pil_image_processor(**CONFIGS[name])
     return hf, Preprocessing.from_dict(preprocessing_from_processor(hf.to_dict()))
 
 
@@ -119,10 +121,11 @@ def test_intake_edge_cases():
 
 @pytest.mark.parametrize("size", [(300, 457), (37, 1001), (2000, 3), (1024, 1024)])
 def test_box_scaling_matches_sam_processor(size):
-    processor = SamProcessor(SamImageProcessor())
+    processor = seed_processor()
     boxes = np.array([[0, 0, size[1], size[0]], [1.5, 0.25, size[1] / 2, size[0] / 3]])
     ref = processor._normalize_coordinates(1024, boxes.copy(), size, is_bounding_box=True)
-    ours = scale_boxes(boxes, size, resized_shape(size, _pair("default")[1]))
+    p = _pair("default")[1]
+    ours = scale_boxes(boxes, size, resized_shape(size, p), p)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
 
@@ -171,9 +174,116 @@ def test_phantom_ground_truth_and_dice():
     from medsam_rt.samples import dice, ellipse_phantom
 
     ph = ellipse_phantom(300, 700, seed=2, dtype=np.uint16)
-    assert ph.image.dtype == np.uint16 and ph.image.shape == ph.mask.shape == (300, 700)
-    ys, xs = np.nonzero(ph.mask)
-    assert ph.box[0] <= xs.min() and ph.box[2] >= xs.max() + 1 and ph.box[1] <= ys.min() and ph.box[3] >= ys.max() + 1
-    assert ph.image[ph.mask].mean() > ph.image[~ph.mask].mean() + 0.3 * 65535
-    assert dice(ph.mask, ph.mask) == 1.0 and dice(ph.mask, ~ph.mask) == 0.0
+    mask, box = ph.truth[0], ph.boxes[0]
+    assert ph.image.dtype == np.uint16 and ph.image.shape == mask.shape == (300, 700)
+    ys, xs = np.nonzero(mask)
+    assert box[0] <= xs.min() and box[2] >= xs.max() + 1 and box[1] <= ys.min() and box[3] >= ys.max() + 1
+    assert ph.image[mask].mean() > ph.image[~mask].mean() + 0.3 * 65535
+    assert dice(mask, mask) == 1.0 and dice(mask, ~mask) == 0.0
     assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+# --- the rest of the vocabulary: LiteMedSAM's and MedSAM's original recipes, against their references ---
+
+LITE = Preprocessing.from_dict(LITE_PREPROCESSING)  # the recipes the exporter writes into manifests
+ORIGINAL = Preprocessing.from_dict(MEDSAM_ORIGINAL_PREPROCESSING)
+
+
+@pytest.mark.parametrize(
+    "shape", [(512, 512), (300, 700), (1800, 600), (97, 203), (64, 64), (33, 41), (1411, 1411), (1, 333), (700, 2)]
+)
+def test_area_resize_matches_opencv(shape):
+    cv2 = pytest.importorskip("cv2")
+    from medsam_rt.preprocess import resize_uint8
+
+    rgb = to_rgb_uint8(
+        rng_image((*shape, 3), seed=shape[1]) ^ np.random.default_rng(0).integers(0, 40, (*shape, 3)).astype(np.uint8)
+    )
+    h, w = resized_shape(shape, LITE)
+    ref = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+    ours = resize_uint8(rgb, (h, w), "area")
+    assert ours.shape == ref.shape == (h, w, 3)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # OpenCV enlarges in 11-bit fixed point (with SIMD-specific truncations) and we round once, in float64:
+    # at most one gray level apart, and only on a minority of pixels
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.85, (diff.max(), (diff == 0).mean())
+
+
+def test_minmax_and_lite_pipeline_match_cvpr24_reference():
+    cv2 = pytest.importorskip("cv2")
+    rgb = to_rgb_uint8(rng_image((300, 700, 3), seed=9))
+    raw = cv2.resize(rgb, (256, 110), interpolation=cv2.INTER_AREA)
+    img = (raw - raw.min()) / np.clip(raw.max() - raw.min(), a_min=1e-8, a_max=None)
+    ref = np.pad(img, ((0, 146), (0, 0), (0, 0))).transpose(2, 0, 1)[None].astype(np.float32)
+    ours, size = preprocess_image(rgb, LITE)
+    assert size == (110, 256)
+    one_level = 1.0 / (int(raw.max()) - int(raw.min()))  # the resize may differ by one gray level (see above)
+    np.testing.assert_allclose(ours, ref, atol=one_level + 1e-6)
+    assert (np.abs(ours - ref) < 1e-6).mean() > 0.9
+
+
+@pytest.mark.parametrize("original", [(300, 700), (97, 203), (1800, 600), (64, 64)])
+def test_lite_boxes_match_reference_truncation(original):
+    boxes = np.array([[10.7, 20.2, 60.9, 63.99], [0, 0, original[1], original[0]]])
+    ratio = 256 / max(original)
+    ref = np.array([[int(v * ratio) for v in box] for box in boxes], np.float32)
+    np.testing.assert_array_equal(scale_boxes(boxes, original, resized_shape(original, LITE), LITE), ref)
+
+
+def test_original_medsam_boxes_scale_per_axis():
+    boxes = np.array([[10.5, 20.25, 300.0, 250.0]])
+    ref = boxes / np.array([700, 300, 700, 300]) * 1024
+    size = (300, 700)
+    np.testing.assert_allclose(scale_boxes(boxes, size, resized_shape(size, ORIGINAL), ORIGINAL), ref, rtol=1e-6)
+    assert resized_shape(size, ORIGINAL) == (1024, 1024)
+
+
+@pytest.mark.parametrize(
+    "p,original", [(LITE, (300, 700)), (LITE, (97, 203)), (ORIGINAL, (300, 700)), (ORIGINAL, (64, 64))]
+)
+def test_crop_resize_and_resize_postprocess_match_torch(p, original):
+    low = np.random.default_rng(2).standard_normal((2, 256, 256)).astype(np.float32) * 3
+    resized = resized_shape(original, p)
+    t = torch.from_numpy(low[:, None].astype(np.float64))
+    if p.postprocess == "crop_resize":  # CVPR24 LiteMedSAM: crop at low resolution, then resize
+        t = t[..., : resized[0], : resized[1]]
+    ref = F.interpolate(t, size=original, mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(upscale_logits(low, p, resized, original), ref, atol=1e-4)
+
+
+def test_square_bicubic_is_close_to_medsam_skimage_resize():
+    """MedSAM's original script resizes with skimage (order 3, anti-aliasing); medsam-rt uses Pillow's bicubic
+    (the runtime has no scipy); this bounds the difference."""
+    transform = pytest.importorskip("skimage.transform")
+    from medsam_rt.preprocess import resize_uint8
+
+    for shape in [(512, 512), (300, 700), (1400, 1100)]:
+        rgb = to_rgb_uint8(rng_image((*shape, 3), seed=1))
+        ref = transform.resize(
+            rgb, (1024, 1024), order=3, preserve_range=True, mode="constant", anti_aliasing=True
+        ).astype(np.uint8)
+        ours = resize_uint8(rgb, (1024, 1024), "bicubic")
+        # skimage truncates to uint8 (mean ~0.5 level lower) and, in mode="constant", darkens the outermost
+        # pixels with its zero padding; away from the border 99 % of pixels agree within one gray level
+        diff = np.abs(ours.astype(int) - ref.astype(int))[4:-4, 4:-4]
+        assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 1, (shape, diff.mean(), diff.max())
+
+
+def test_vocabulary_rejects_unknown_entries():
+    from medsam_rt.errors import ModelDirError
+
+    base = LITE.to_dict()
+    for key, value, msg in [
+        ("interpolation", "lanczos4", "interpolation='lanczos4' unsupported"),
+        ("resize", "shortest_side", "resize='shortest_side'"),
+        ("normalize", "zscore", "normalize='zscore'"),
+        ("box_round", "ceil", "box_round='ceil'"),
+        ("postprocess", "magic", "postprocess='magic'"),
+        ("size", 512, "inconsistent"),
+    ]:
+        with pytest.raises(ModelDirError, match=msg):
+            Preprocessing.from_dict({**base, key: value})
+    with pytest.raises(ModelDirError, match="resize='square'"):
+        Preprocessing.from_dict({**base, "postprocess": "resize"})
+    with pytest.raises(ModelDirError, match="malformed"):
+        Preprocessing.from_dict({k: v for k, v in base.items() if k != "size"})

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import rng_image
+from conftest import rng_image, seed_path, seed_processor
 from PIL import Image
 
 from medsam_rt import (
@@ -18,17 +17,6 @@ from medsam_rt import (
     ModelDirError,
     ProviderUnavailableError,
 )
-
-
-def _seed_path(processor, sam, image, boxes):
-    """What the seed does: processor -> SamModel(multimask_output=False) -> post_process_masks."""
-    inputs = processor(images=image, input_boxes=[boxes], return_tensors="pt")
-    with torch.no_grad():
-        out = sam(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False)
-    logits = processor.image_processor.post_process_masks(
-        out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False
-    )[0][:, 0].numpy()
-    return logits, out.iou_scores[0, :, 0].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def test_matches_seed_pytorch_path(custom_model, hf_reference, shape):
     pil = Image.fromarray(image)  # the seed hands PIL images to SamProcessor, which converts to RGB
     if image.ndim == 3 and image.shape[2] == 4 and transformers.__version__.startswith("4."):
         pil = Image.alpha_composite(Image.new("RGBA", pil.size, "white"), pil)  # 4.x would drop alpha
-    ref_logits, ref_scores = _seed_path(processor, sam, pil, boxes)
+    ref_logits, ref_scores = seed_path(processor, sam, pil, boxes)
     res = custom_model.segment(custom_model.embed(image), boxes)
 
     assert res.masks.shape == res.probs.shape == (3, h, w) and res.masks.dtype == bool
@@ -58,13 +46,11 @@ def test_matches_seed_pytorch_path(custom_model, hf_reference, shape):
 
 
 def test_default_processor_export_matches_seed(tiny_dir, tiny_source):
-    from transformers import SamImageProcessor, SamProcessor
-
-    processor = SamProcessor(SamImageProcessor())
+    processor = seed_processor()
     model = MedSAM.load(tiny_dir)
     image = rng_image((240, 320, 3), seed=11)
     boxes = [[20, 30, 200, 220], [150, 10, 310, 120]]
-    ref_logits, ref_scores = _seed_path(processor, tiny_source.model, Image.fromarray(image), boxes)
+    ref_logits, ref_scores = seed_path(processor, tiny_source.model, Image.fromarray(image), boxes)
     res = model.segment(model.embed(image), boxes)
     np.testing.assert_allclose(res.scores, ref_scores, atol=1e-3)
     decided = np.abs(ref_logits) > 1e-2
