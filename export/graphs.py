@@ -7,15 +7,17 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import SamModel
 
 from medsam_rt.errors import ExportError
 
-from .sources import one_line
+from .util import one_line
+
+if TYPE_CHECKING:
+    from transformers import SamModel
 
 ENCODER_INPUTS = {"pixel_values": "float32 [1, 3, S, S]: preprocessed image, S = encoder input size (pad_size)"}
 ENCODER_OUTPUTS = {"image_embeddings": "float32 [1, C, 64, 64]: image embedding (C = 256 for MedSAM)"}
@@ -68,6 +70,42 @@ class DecoderGraph(nn.Module):
         )
         masks, iou = out[0], out[1]
         return masks[0], iou[0]
+
+
+def segment_anything_decode(
+    prompt_encoder: nn.Module,
+    mask_decoder: nn.Module,
+    image_embeddings: torch.Tensor,
+    boxes: torch.Tensor,
+    image_pe: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment-anything-style prompt encoder + mask decoder for ``boxes [N,4]``, single-mask output.
+
+    ``image_pe`` defaults to ``prompt_encoder.get_dense_pe()``. Returns ``[N,1,256,256]`` logits, ``[N,1]`` IoU.
+    """
+    sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+    return mask_decoder(
+        image_embeddings=image_embeddings,
+        image_pe=prompt_encoder.get_dense_pe() if image_pe is None else image_pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+
+
+class SegmentAnythingDecoderGraph(nn.Module):
+    """The same decoder contract for segment-anything-style modules (``PromptEncoder`` + ``MaskDecoder``,
+    as LiteMedSAM uses): ``image_embeddings [1,C,64,64], boxes [N,4] -> [N,1,256,256], [N,1]``."""
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        with torch.no_grad():
+            self.register_buffer("dense_pe", prompt_encoder.get_dense_pe().detach().clone())
+
+    def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return segment_anything_decode(self.prompt_encoder, self.mask_decoder, image_embeddings, boxes, self.dense_pe)
 
 
 def export_graph(

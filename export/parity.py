@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import SamModel
 
 from medsam_rt.errors import ParityError
 from medsam_rt.preprocess import Preprocessing, preprocess_image
+
+from .sources import Reference
 
 FP32_TOLERANCE = 1e-3
 CHECK_BOX_COUNTS = (1, 3)  # the decoder is traced with N=2
@@ -44,14 +45,17 @@ def sample_inputs(preprocessing: dict[str, Any], seed: int = 0) -> list[tuple[st
 
 
 def check_parity(
-    sam: SamModel, encoder_path: str, decoder_path: str, preprocessing: dict[str, Any], tol: float = FP32_TOLERANCE
+    reference: Reference,
+    encoder_path: str,
+    decoder_path: str,
+    preprocessing: dict[str, Any],
+    tol: float = FP32_TOLERANCE,
 ) -> list[dict[str, Any]]:
-    """Run the exported graphs on ONNX Runtime (CPU) against ``SamModel`` and return the report.
+    """Run the exported graphs on ONNX Runtime (CPU) against the PyTorch ``reference`` and return the report.
 
     Checks, each at ``tol`` max abs diff: encoder embeddings; decoder logits and
-    IoU on PyTorch's embedding for N in :data:`CHECK_BOX_COUNTS`; and the full
-    ``SamModel(pixel_values, input_boxes, multimask_output=False)`` against
-    encoder -> decoder on ONNX Runtime.
+    IoU on PyTorch's embedding for N in :data:`CHECK_BOX_COUNTS`; and the model's
+    own end-to-end forward against encoder -> decoder on ONNX Runtime.
 
     Raises:
         ParityError: on the first output beyond tolerance (nothing should be written).
@@ -65,33 +69,20 @@ def check_parity(
     report: list[dict[str, Any]] = []
     for i, (case, pixels) in enumerate(sample_inputs(preprocessing)):
         with torch.no_grad():
-            ref_emb = sam.vision_encoder(torch.from_numpy(pixels)).last_hidden_state
+            ref_emb = reference.encode(torch.from_numpy(pixels))
         (got_emb,) = enc.run(["image_embeddings"], {"pixel_values": pixels})
         report.append(compare("encoder", "image_embeddings", case, ref_emb.numpy(), got_emb, tol))
         for n in CHECK_BOX_COUNTS:
             boxes = _random_boxes(rng, n, size)
             with torch.no_grad():
-                ref = sam(image_embeddings=ref_emb, input_boxes=torch.from_numpy(boxes)[None], multimask_output=False)
+                ref_logits, ref_iou = reference.decode(ref_emb, torch.from_numpy(boxes))
             logits, iou = dec.run(None, {"image_embeddings": ref_emb.numpy(), "boxes": boxes})
             c = f"{case}, N={n}"
-            report.append(compare("decoder", "low_res_logits", c, ref.pred_masks[0].numpy(), logits, tol))
-            report.append(compare("decoder", "iou_scores", c, ref.iou_scores[0].numpy(), iou, tol))
+            report.append(compare("decoder", "low_res_logits", c, ref_logits.numpy(), logits, tol))
+            report.append(compare("decoder", "iou_scores", c, ref_iou.numpy(), iou, tol))
             if i == 0 and n == CHECK_BOX_COUNTS[-1]:
                 with torch.no_grad():
-                    full = sam(
-                        pixel_values=torch.from_numpy(pixels),
-                        input_boxes=torch.from_numpy(boxes)[None],
-                        multimask_output=False,
-                    )
+                    full = reference.full(torch.from_numpy(pixels), torch.from_numpy(boxes))
                 e2e, _ = dec.run(None, {"image_embeddings": got_emb, "boxes": boxes})
-                report.append(
-                    compare(
-                        "encoder+decoder",
-                        "low_res_logits",
-                        f"SamModel end to end, {c}",
-                        full.pred_masks[0].numpy(),
-                        e2e,
-                        tol,
-                    )
-                )
+                report.append(compare("encoder+decoder", "low_res_logits", f"end to end, {c}", full.numpy(), e2e, tol))
     return report

