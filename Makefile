@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 TF4_VENV ?= .venv-tf4
-# torch first, pinned: this CPU build lies on the development/CI disk; an unpinned torch pulls GBs of CUDA wheels
-TORCH_PIN ?= torch==2.13.0
+# torch first, pinned (both builds lie on the development/CI disk; an unpinned torch pulls GBs of CUDA wheels).
+# LiteMedSAM's package needs timm -> torchvision, which only works beside torch 2.14.1 here.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# the transformers-4.57 compatibility env needs no torchvision: the small CPU build
+TF4_TORCH_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
-MODEL_DIR ?= models/medsam-vitb-random
+MODEL_DIR ?= models/litemedsam
 
 .PHONY: setup demo test test-full test-tf4 lint clean
 
@@ -15,20 +18,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[export,dev]'
+	$(PY) -m pip install -q -e '.[export,lite,samples,dev]'
 	touch $@
 
-# The main job: export MedSAM ViT-B (fixed random weights: the real checkpoint needs the hub), then segment samples.
+# The main job, offline: export LiteMedSAM (shipped weights) if not yet exported, segment the sample images,
+# write masks + overlays to demo-out/, print latency against PyTorch.
 demo: setup
-	@test -f $(MODEL_DIR)/manifest.json || $(VENV)/bin/medsam-rt export --random-weights --arch vit-base --out $(MODEL_DIR)
 	$(VENV)/bin/medsam-rt demo $(MODEL_DIR) --out demo-out
 
-# Default tier: tiny models, a few minutes on 2 cores.
+# Default tier: tiny models and the real LiteMedSAM, a few minutes on 2 cores.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# Full-size ViT-B tier (about 4 minutes, 8 GB RAM).
+# Full-size ViT-B tier: HF-format and original-.pth exports of random ViT-B (about 8 minutes, 8 GB RAM).
 test-full: setup
 	$(PY) -m pytest -q -m full
 
@@ -36,7 +39,7 @@ test-full: setup
 $(TF4_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TF4_VENV)
 	$(TF4_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TF4_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(TF4_VENV)/bin/python -m pip install -q $(TF4_TORCH_PIN)
 	$(TF4_VENV)/bin/python -m pip install -q -e '.[export,dev]' 'transformers==4.57.6'
 	touch $@
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,11 +12,14 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import InvalidBoxError, MedSAMError
+from .io import check_parent_writable
 
 EXAMPLES_EXPORT = """examples:
-  medsam-rt export --out models/medsam                     # flaviagiammarino/medsam-vit-base from the hub
-  medsam-rt export --model ./medsam-vit-base --out models/medsam   # a local SamModel directory
-  medsam-rt export --random-weights --arch tiny --out models/tiny  # offline plumbing/benchmark model
+  medsam-rt export --model litemedsam --out models/litemedsam       # LiteMedSAM, weights shipped (offline)
+  medsam-rt export --out models/medsam                              # flaviagiammarino/medsam-vit-base (hub)
+  medsam-rt export --model ./medsam-vit-base --out models/medsam    # a local SamModel directory
+  medsam-rt export --model medsam_vit_b.pth --out models/medsam     # an original MedSAM checkpoint
+  medsam-rt export --random-weights --arch tiny --out models/tiny   # offline plumbing/benchmark model
 """
 EXAMPLES_SEGMENT = """examples:
   medsam-rt segment models/medsam scan.png --box 30,40,120,160 --out mask.png
@@ -44,11 +46,7 @@ def _parse_box(text: str) -> list[float]:
 def _check_writable(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{what} {path} must end in {' or '.join(suffixes)}")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"{what} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{what} {path}: directory {parent} is not writable")
+    check_parent_writable(path, what, UsageError)
     if path.is_dir():
         raise UsageError(f"{what} {path} is a directory")
 
@@ -79,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--model",
         default="flaviagiammarino/medsam-vit-base",
-        help="Hugging Face hub id or local SamModel directory (default: %(default)s)",
+        help="'litemedsam' (needs the lite extra), an original MedSAM .pth/.safetensors checkpoint, "
+        "a local SamModel directory or a Hugging Face hub id (default: %(default)s)",
     )
     ex.add_argument("--out", required=True, type=Path, help="output model directory (written atomically)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
@@ -127,21 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser(
         "demo",
-        help="segment sample phantoms with known ground truth; write masks, overlays and a table",
-        description="Run a model directory on built-in phantoms (known masks) and report latency and Dice.",
+        help="the main job, offline: LiteMedSAM on sample medical images, masks + overlays + timings",
+        description="Export LiteMedSAM into MODEL_DIR if it holds no model yet, segment the validation set "
+        "(phantoms with known masks; CT, MR, microscopy and fundus images shipped in pydicom, nibabel and "
+        "scikit-image), write label masks and overlays, and print latency against PyTorch.",
     )
-    dm.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="directory written by 'medsam-rt export'")
+    dm.add_argument(
+        "model_dir",
+        type=Path,
+        metavar="MODEL_DIR",
+        nargs="?",
+        default=Path("models/litemedsam"),
+        help="model directory (default: %(default)s; exported there if missing)",
+    )
     dm.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
     dm.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="default: %(default)s")
     return parser
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import ensure_model, run_demo
     from .model import MedSAM
 
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
+    ensure_model(args.model_dir, log=lambda msg: print(f"medsam-rt demo: {msg}", file=sys.stderr))
     model = MedSAM.load(args.model_dir, device=args.device)
     if model.manifest.random_weights:
         print("medsam-rt: note: RANDOM WEIGHTS model: the masks (and Dice) are meaningless; timings are real")
