@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from medsam_rt.errors import ParityError
+from medsam_rt.errors import GateError, ParityError
 from medsam_rt.preprocess import Preprocessing, preprocess_image
 
 from .sources import Reference
@@ -85,4 +86,87 @@ def check_parity(
                     full = reference.full(torch.from_numpy(pixels), torch.from_numpy(boxes))
                 e2e, _ = dec.run(None, {"image_embeddings": got_emb, "boxes": boxes})
                 report.append(compare("encoder+decoder", "low_res_logits", f"end to end, {c}", full.numpy(), e2e, tol))
+    return report
+
+
+#: Per-variant gate thresholds (against the fp32 graphs, through the runtime's own pre/postprocessing).
+DICE_MIN = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95}
+IOU_MAX_DIFF = 0.02
+RANDOM_WEIGHT_SAMPLES = 3
+
+
+def extreme_inputs() -> list[tuple[str, np.ndarray]]:
+    """Images that push intensities to their limits: all zero, saturated, and high-contrast noise."""
+    rng = np.random.default_rng(5)
+    noise = (rng.random((320, 256, 3)) > 0.5).astype(np.uint8) * 255
+    return [
+        ("all-zero", np.zeros((256, 320, 3), np.uint8)),
+        ("saturated", np.full((300, 200), 65535, np.uint16)),
+        ("high-contrast noise", noise),
+    ]
+
+
+def check_variant(
+    precision: str, preprocessing: dict[str, Any], fp32: dict[str, Path], variant: dict[str, Path], gate_dice: bool
+) -> dict[str, Any]:
+    """A precision variant's gate, run through the runtime's own pipeline on ONNX Runtime's CPU provider.
+
+    1. No NaN/Inf in embeddings, logits or scores on :func:`extreme_inputs`.
+    2. On the validation set (phantoms, plus the shipped medical images when their packages are installed):
+       per box, mask Dice vs the fp32 graphs >= :data:`DICE_MIN` and IoU-score difference <= :data:`IOU_MAX_DIFF`
+       (enforced when ``gate_dice``; random-weight models only report them).
+
+    Raises:
+        GateError: a check fails (the export writes nothing).
+    """
+    from medsam_rt.model import MedSAM
+    from medsam_rt.samples import dice, validation_set
+
+    p = Preprocessing.from_dict(preprocessing)
+    ref = MedSAM.from_graphs(p, fp32["encoder"], fp32["decoder"], model_id="gate", precision="fp32")
+    var = MedSAM.from_graphs(p, variant["encoder"], variant["decoder"], model_id="gate", precision=precision)
+    for name, image in extreme_inputs():
+        emb = var.embed(image)
+        res = var.segment(emb, [[10, 10, 150, 180], [0, 0, image.shape[1], image.shape[0]]])
+        for what, values in (
+            ("image_embeddings", emb.embeddings),
+            ("low_res_logits", res.low_res_logits),
+            ("iou_scores", res.scores),
+        ):
+            if not np.isfinite(values).all():
+                raise GateError(precision, f"non-finite {what}", float("nan"), "finite", name)
+    if precision == "fp32":  # the fp32 graphs were compared with PyTorch already
+        return {"precision": precision, "finite_on_extreme_inputs": True, "passed": True}
+    # real weights: the whole validation set; random weights (nothing to gate): the first phantoms
+    samples = validation_set() if gate_dice else validation_set()[:RANDOM_WEIGHT_SAMPLES]
+    dices, iou_diffs, logit_diffs, boxes = [], [], [], 0
+    worst = ("", 1.0)
+    for sample in samples:
+        r, v = ref.predict(sample.image, sample.boxes), var.predict(sample.image, sample.boxes)
+        for k in range(len(sample.boxes)):
+            d = dice(v.masks[k], r.masks[k])
+            dices.append(d)
+            if d < worst[1]:
+                worst = (f"{sample.name}, box {k}", d)
+        iou_diffs.append(float(np.abs(v.scores - r.scores).max()))
+        logit_diffs.append(float(np.abs(v.low_res_logits - r.low_res_logits).max()))
+        boxes += len(sample.boxes)
+    report = {
+        "precision": precision,
+        "samples": len(iou_diffs),
+        "boxes": boxes,
+        "finite_on_extreme_inputs": True,
+        "min_dice": min(dices),
+        "mean_dice": float(np.mean(dices)),
+        "worst": worst[0],
+        "max_iou_diff": max(iou_diffs),
+        "max_logit_diff": max(logit_diffs),
+        "thresholds": {"min_dice": DICE_MIN[precision], "max_iou_diff": IOU_MAX_DIFF},
+        "gated_on_dice": gate_dice,
+    }
+    if gate_dice and report["min_dice"] < DICE_MIN[precision]:
+        raise GateError(precision, "mask Dice vs fp32", report["min_dice"], f">= {DICE_MIN[precision]}", worst[0])
+    if gate_dice and report["max_iou_diff"] > IOU_MAX_DIFF:
+        raise GateError(precision, "IoU-score diff vs fp32", report["max_iou_diff"], f"<= {IOU_MAX_DIFF}", "")
+    report["passed"] = True
     return report

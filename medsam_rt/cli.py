@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export",
         help="export MedSAM to ONNX (needs the 'export' extra: torch, transformers)",
-        description="Split MedSAM into encoder.fp32.onnx + decoder.fp32.onnx + manifest.json, "
-        "checked against PyTorch before anything is written.",
+        description="Split MedSAM into encoder.<precision>.onnx + decoder.<precision>.onnx + manifest.json: "
+        "optimised, checked against PyTorch (fp32) and gated against fp32 (fp16, int8) before anything is written.",
         epilog=EXAMPLES_EXPORT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("vit-base", "tiny"),
         default="vit-base",
         help="architecture for --random-weights (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--precision",
+        default="fp32,fp16",
+        metavar="LIST",
+        help="comma-separated subset of fp32,fp16,int8 (default: %(default)s); fp16 targets GPUs, "
+        "int8 (dynamic, MatMul weights) CPUs",
     )
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -122,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sg.add_argument("--overlay", type=Path, metavar="FIG.png", help="also write a side-by-side overlay figure")
     sg.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="default: %(default)s")
+    sg.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16", "int8"),
+        default="auto",
+        help="graph variant (default: %(default)s = fp16 on CUDA, int8 on CPU when exported, else fp32)",
+    )
     sg.add_argument("--json", action="store_true", help="print boxes, scores and mask areas as JSON")
 
     dm = sub.add_parser(
@@ -141,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
     dm.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="default: %(default)s")
+    dm.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16", "int8"),
+        default="fp32",
+        help="graph variant (default: %(default)s, the one compared with PyTorch fp32)",
+    )
     return parser
 
 
@@ -151,7 +170,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
     ensure_model(args.model_dir, log=lambda msg: print(f"medsam-rt demo: {msg}", file=sys.stderr))
-    model = MedSAM.load(args.model_dir, device=args.device)
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision)
     if model.manifest.random_weights:
         print("medsam-rt: note: RANDOM WEIGHTS model: the masks (and Dice) are meaningless; timings are real")
     run_demo(model, args.out)
@@ -170,6 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.out,
         args.model,
         opset=args.opset,
+        precisions=args.precision,
         random_weights=args.random_weights,
         arch=args.arch,
         force=args.force,
@@ -192,7 +212,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     rgb = to_rgb_uint8(image)
     validate_boxes(args.box, rgb.shape[:2])  # fail before the (slow) encoder runs
-    model = MedSAM.load(args.model_dir, device=args.device)
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision)
     result = model.segment(model.embed(image), args.box)
     save_png(args.out, result.label_image())
     if args.overlay is not None:

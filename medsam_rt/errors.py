@@ -49,3 +49,13 @@ class ParityError(ExportError):
             f"parity check failed for {graph} output '{output}' ({case}): "
             f"max abs diff {max_abs_diff:.3g} > tolerance {tolerance:.3g}"
         )
+
+
+class GateError(ParityError):
+    """A precision variant failed its gate (NaN/Inf on extreme inputs, or masks too far from fp32)."""
+
+    def __init__(self, precision: str, metric: str, value: float, bound: str, where: str) -> None:
+        self.precision, self.metric, self.value, self.bound, self.where = precision, metric, value, bound, where
+        ExportError.__init__(
+            self, f"{precision} gate failed: {metric} {value:.4g}, expected {bound}" + (f" ({where})" if where else "")
+        )

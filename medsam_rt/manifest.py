@@ -20,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 #: Prefix of every key medsam-rt writes into an ONNX graph's ``metadata_props``.
 METADATA_PREFIX = "medsam_rt."
 ROLES = ("encoder", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,30 @@ class Manifest:
 
     @property
     def precisions(self) -> list[str]:
-        return sorted({p for (role, p) in self.graphs if role == "encoder" and ("decoder", p) in self.graphs})
+        """Precisions with both graphs present and a passed parity gate, in fp32, fp16, int8 order."""
+        parity = self.raw.get("parity", {})
+        return [
+            p
+            for p in PRECISIONS
+            if ("encoder", p) in self.graphs and ("decoder", p) in self.graphs and parity.get(p, {}).get("passed")
+        ]
+
+    def choose_precision(self, requested: str, device: str) -> str:
+        """Resolve ``"auto"`` (fp16 on CUDA, int8 on the CPU, else fp32) and check the choice was exported."""
+        if requested == "auto":
+            preferred = ("fp16", "fp32") if device == "cuda" else ("int8", "fp32")
+            for p in preferred:
+                if p in self.precisions:
+                    return p
+            requested = "fp32"
+        if requested not in PRECISIONS:
+            raise ModelDirError(f"unknown precision {requested!r}; expected auto, {', '.join(PRECISIONS)}")
+        if requested not in self.precisions:
+            raise ModelDirError(
+                f"{self.directory} has no {requested} variant that passed its gate; "
+                f"available: {', '.join(self.precisions) or 'none'}"
+            )
+        return requested
 
     def graph(self, role: str, precision: str) -> GraphEntry:
         try:

@@ -13,7 +13,7 @@ from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError
 from .io import read_image
 from .manifest import Manifest, load_manifest
 from .postprocess import sigmoid, upscale_logits
-from .preprocess import preprocess_image, scale_boxes, to_rgb_uint8, validate_boxes
+from .preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8, validate_boxes
 from .providers import create_session, resolve_device
 
 
@@ -70,43 +70,94 @@ class MedSAM:
     with as many boxes as needed. Instances are safe to share between threads.
     """
 
-    def __init__(self, manifest: Manifest, device: str, precision: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        preprocessing: Preprocessing,
+        encoder_path: str | os.PathLike[str],
+        decoder_path: str | os.PathLike[str],
+        *,
+        device: str,
+        precision: str,
+        model_id: str,
+        threads: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
         self.manifest = manifest
         self.device = device
         self.precision = precision
-        self.preprocessing = manifest.preprocessing
-        enc = manifest.graph("encoder", precision)
-        dec = manifest.graph("decoder", precision)
-        self._encoder = create_session(os.fspath(enc.path), device, threads)
-        self._decoder = create_session(os.fspath(dec.path), device, threads)
+        self.preprocessing = preprocessing
+        self._model_id = model_id
+        self._encoder = create_session(os.fspath(encoder_path), device, threads)
+        self._decoder = create_session(os.fspath(decoder_path), device, threads)
         enc_in = self._encoder.get_inputs()[0]
-        if list(enc_in.shape[2:]) != list(self.preprocessing.pad_size):
-            raise ModelDirError(
-                f"{enc.path.name} expects input {enc_in.shape}, but the manifest pads to {self.preprocessing.pad_size}"
-            )
+        if list(enc_in.shape[2:]) != list(preprocessing.pad_size):
+            name = Path(encoder_path).name
+            raise ModelDirError(f"{name} expects input {enc_in.shape}, but the recipe pads to {preprocessing.pad_size}")
+
+    @classmethod
+    def from_graphs(
+        cls,
+        preprocessing: Preprocessing,
+        encoder_path: str | os.PathLike[str],
+        decoder_path: str | os.PathLike[str],
+        *,
+        model_id: str,
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> MedSAM:
+        """A model from two graph files and a recipe, without a model directory (used by the export gates)."""
+        return cls(
+            preprocessing,
+            encoder_path,
+            decoder_path,
+            device=resolve_device(device),
+            precision=precision,
+            model_id=model_id,
+            threads=threads,
+        )
 
     @classmethod
     def load(
-        cls, model_dir: str | os.PathLike[str], device: str = "cpu", precision: str = "fp32", threads: int | None = None
+        cls,
+        model_dir: str | os.PathLike[str],
+        device: str = "cpu",
+        precision: str = "auto",
+        threads: int | None = None,
     ) -> MedSAM:
         """Load an exported model directory.
 
         Args:
             model_dir: directory written by ``medsam-rt export``.
             device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
-            precision: which exported graph pair to run (``"fp32"``).
+            precision: ``"fp32"``, ``"fp16"``, ``"int8"`` or ``"auto"``: fp16 on CUDA, int8 on the CPU, when
+                exported (their gates passed at export), else fp32. fp16 runs on the CPU provider too (its gate
+                ran there) but slower than fp32.
             threads: intra-op threads; default: the physical cores.
 
         Raises:
-            ModelDirError: the directory is not a valid model directory.
+            ModelDirError: not a valid model directory, or the precision was not exported.
             ProviderUnavailableError: the device is not available.
         """
         manifest = load_manifest(Path(model_dir))
-        return cls(manifest, resolve_device(device), precision, threads)
+        device = resolve_device(device)
+        precision = manifest.choose_precision(precision, device)
+        enc, dec = manifest.graph("encoder", precision), manifest.graph("decoder", precision)
+        return cls(
+            manifest.preprocessing,
+            enc.path,
+            dec.path,
+            device=device,
+            precision=precision,
+            model_id=f"{manifest.model_id}#{precision}",
+            threads=threads,
+            manifest=manifest,
+        )
 
     @property
     def model_id(self) -> str:
-        return self.manifest.model_id
+        """Identity of the model and precision; embeddings carry it and ``segment`` checks it."""
+        return self._model_id
 
     def embed(self, image: np.ndarray | str | os.PathLike[str]) -> ImageEmbedding:
         """Encode one image (run the heavy encoder once).

@@ -21,16 +21,24 @@ from medsam_rt_export.sources import hf_source, random_source
 
 
 def test_export_writes_the_contract(tiny_dir):
-    assert sorted(p.name for p in tiny_dir.iterdir()) == ["decoder.fp32.onnx", "encoder.fp32.onnx", "manifest.json"]
+    assert sorted(p.name for p in tiny_dir.iterdir()) == [
+        "decoder.fp16.onnx",
+        "decoder.fp32.onnx",
+        "encoder.fp16.onnx",
+        "encoder.fp32.onnx",
+        "manifest.json",
+    ]  # the default precisions: fp32, fp16
     m = manifest_of(tiny_dir)
     assert m["format"] == "medsam-rt" and m["schema_version"] == 1
     assert m["model"]["random_weights"] is True and "RANDOM WEIGHTS" in m["warning"]
     assert m["model"]["source"] == "random:tiny" and m["model"]["checksum"].startswith("sha256:")
     assert m["opset"] == 18 and {"torch", "transformers", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert m["precisions"] == ["fp32", "fp16"]
     for role in ("encoder", "decoder"):
-        entry = m["graphs"][role]["fp32"]
-        assert entry["sha256"] == sha256_file(tiny_dir / entry["file"])
-        assert entry["bytes"] == (tiny_dir / entry["file"]).stat().st_size
+        for precision in ("fp32", "fp16"):
+            entry = m["graphs"][role][precision]
+            assert entry["sha256"] == sha256_file(tiny_dir / entry["file"])
+            assert entry["bytes"] == (tiny_dir / entry["file"]).stat().st_size
     checks = m["parity"]["fp32"]["checks"]
     assert m["parity"]["fp32"]["passed"] and all(c["max_abs_diff"] <= 1e-3 for c in checks)
     cases = {c["case"] for c in checks}

