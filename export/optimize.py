@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Ops kept in fp32 inside fp16 graphs. Softmax: SAM's attention scores (with the relative-position terms added)
-#: lose their small differences in fp16; its inputs stay fp32 (measured: see the manifest's parity report).
+#: Ops kept in fp32 inside fp16 graphs. Measured on LiteMedSAM (validation set, against fp32): Softmax in fp16
+#: gives max low-res logit error 0.266 and min Dice 0.99932, Softmax kept fp32 0.260 and 0.99928 — a wash there;
+#: kept fp32 as insurance for ViT-B's global attention (4096 keys, relative-position terms added to the scores),
+#: where real weights could not be measured here. Decomposed LayerNorms, the classic fp16 overflow, no longer
+#: exist (see :func:`export_friendly`).
 FP16_KEEP_FP32 = ("Softmax",)
 
 
