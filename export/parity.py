@@ -123,8 +123,8 @@ def check_variant(
     from medsam_rt.samples import dice, validation_set
 
     p = Preprocessing.from_dict(preprocessing)
-    ref = MedSAM.from_graphs(p, fp32["encoder"], fp32["decoder"], model_id="gate", precision="fp32")
-    var = MedSAM.from_graphs(p, variant["encoder"], variant["decoder"], model_id="gate", precision=precision)
+    ref = MedSAM(p, fp32["encoder"], fp32["decoder"], model_id="gate-fp32")
+    var = MedSAM(p, variant["encoder"], variant["decoder"], precision=precision, model_id=f"gate-{precision}")
     for name, image in extreme_inputs():
         emb = var.embed(image)
         res = var.segment(emb, [[10, 10, 150, 180], [0, 0, image.shape[1], image.shape[0]]])

@@ -13,6 +13,8 @@ from typing import NoReturn
 from . import __version__
 from .errors import InvalidBoxError, MedSAMError
 from .io import check_parent_writable
+from .manifest import PRECISIONS
+from .providers import DEVICES
 
 EXAMPLES_EXPORT = """examples:
   medsam-rt export --model litemedsam --out models/litemedsam       # LiteMedSAM, weights shipped (offline)
@@ -56,6 +58,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser, precision_default: str, why: str) -> None:
+    """--device and --precision, shared by the commands that run a model."""
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="default: %(default)s")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default=precision_default,
+        help=f"graph variant (default: %(default)s: {why})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="8-bit label PNG: 0 background, k inside box k's mask",
     )
     sg.add_argument("--overlay", type=Path, metavar="FIG.png", help="also write a side-by-side overlay figure")
-    sg.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="default: %(default)s")
-    sg.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "fp16", "int8"),
-        default="auto",
-        help="graph variant (default: %(default)s = fp16 on CUDA, int8 on CPU when exported, else fp32)",
-    )
+    _add_runtime_args(sg, "auto", "fp16 on CUDA, int8 on CPU when exported, else fp32")
     sg.add_argument("--json", action="store_true", help="print boxes, scores and mask areas as JSON")
 
     dm = sub.add_parser(
@@ -153,13 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model directory (default: %(default)s; exported there if missing)",
     )
     dm.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
-    dm.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="default: %(default)s")
-    dm.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "fp16", "int8"),
-        default="fp32",
-        help="graph variant (default: %(default)s, the one compared with PyTorch fp32)",
-    )
+    _add_runtime_args(dm, "fp32", "the one compared with PyTorch fp32")
     return parser
 
 

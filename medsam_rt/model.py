@@ -76,12 +76,14 @@ class MedSAM:
         encoder_path: str | os.PathLike[str],
         decoder_path: str | os.PathLike[str],
         *,
-        device: str,
-        precision: str,
+        device: str = "cpu",
+        precision: str = "fp32",
         model_id: str,
         threads: int | None = None,
         manifest: Manifest | None = None,
     ) -> None:
+        """A model from two graph files and a recipe. Most callers want :meth:`load` (a model directory);
+        the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``)."""
         self.manifest = manifest
         self.device = device
         self.precision = precision
@@ -93,29 +95,6 @@ class MedSAM:
         if list(enc_in.shape[2:]) != list(preprocessing.pad_size):
             name = Path(encoder_path).name
             raise ModelDirError(f"{name} expects input {enc_in.shape}, but the recipe pads to {preprocessing.pad_size}")
-
-    @classmethod
-    def from_graphs(
-        cls,
-        preprocessing: Preprocessing,
-        encoder_path: str | os.PathLike[str],
-        decoder_path: str | os.PathLike[str],
-        *,
-        model_id: str,
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-    ) -> MedSAM:
-        """A model from two graph files and a recipe, without a model directory (used by the export gates)."""
-        return cls(
-            preprocessing,
-            encoder_path,
-            decoder_path,
-            device=resolve_device(device),
-            precision=precision,
-            model_id=model_id,
-            threads=threads,
-        )
 
     @classmethod
     def load(
