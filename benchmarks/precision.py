@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from medsam_rt.bench import fingerprint, timed
 
 IMAGE_SHAPE = (512, 512)
 
@@ -30,21 +30,6 @@ def _image() -> np.ndarray:
     from medsam_rt.samples import ellipse_phantom
 
     return ellipse_phantom(*IMAGE_SHAPE, seed=1).image
-
-
-def _stats(times: list[float]) -> dict[str, float]:
-    ms = np.array(times) * 1e3
-    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "min_ms": float(ms.min())}
-
-
-def _time(fn, repeats: int) -> tuple[dict[str, float], object]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return _stats(times), out
 
 
 def worker(model_dir: Path, backend: str, repeats: int) -> dict:
@@ -74,8 +59,8 @@ def worker(model_dir: Path, backend: str, repeats: int) -> dict:
         with torch.no_grad():
             first = source.reference.encode(torch.from_numpy(pixels))
             cold = time.perf_counter() - t0
-            enc, emb = _time(lambda: source.reference.encode(torch.from_numpy(pixels)), repeats)
-            dec, _ = _time(lambda: source.reference.decode(emb, boxes), repeats)
+            enc, emb = timed(lambda: source.reference.encode(torch.from_numpy(pixels)), repeats)
+            dec, _ = timed(lambda: source.reference.decode(emb, boxes), repeats)
         del first
         size = None
     else:
@@ -84,8 +69,8 @@ def worker(model_dir: Path, backend: str, repeats: int) -> dict:
         model = MedSAM.load(model_dir, precision=backend.split("-")[1])
         emb = model.embed(image)
         cold = time.perf_counter() - t0
-        enc, emb = _time(lambda: model.embed(image), repeats)
-        dec, _ = _time(lambda: model.segment(emb, box), repeats)
+        enc, emb = timed(lambda: model.embed(image), repeats)
+        dec, _ = timed(lambda: model.segment(emb, box), repeats)
         g = model.manifest.raw["graphs"]
         size = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
     return {
@@ -95,30 +80,6 @@ def worker(model_dir: Path, backend: str, repeats: int) -> dict:
         "cold_start_s": cold,
         "graph_mib": size,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-
-
-def fingerprint() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    versions = {}
-    for dist in ("medsam-rt", "onnxruntime", "numpy", "torch", "transformers"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "versions": versions,
-        "gpu": None,
     }
 
 

@@ -71,6 +71,17 @@ def _add_runtime_args(parser: argparse.ArgumentParser, precision_default: str, w
     )
 
 
+def _add_default_model_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_dir",
+        type=Path,
+        metavar="MODEL_DIR",
+        nargs="?",
+        default=Path("models/litemedsam"),
+        help="model directory (default: %(default)s; LiteMedSAM is exported there if missing)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="medsam-rt",
@@ -151,16 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(phantoms with known masks; CT, MR, microscopy and fundus images shipped in pydicom, nibabel and "
         "scikit-image), write label masks and overlays, and print latency against PyTorch.",
     )
-    dm.add_argument(
-        "model_dir",
-        type=Path,
-        metavar="MODEL_DIR",
-        nargs="?",
-        default=Path("models/litemedsam"),
-        help="model directory (default: %(default)s; exported there if missing)",
-    )
+    _add_default_model_dir(dm)
     dm.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
     _add_runtime_args(dm, "fp32", "the one compared with PyTorch fp32")
+
+    bn = sub.add_parser(
+        "bench",
+        help="latency, cold start and memory against PyTorch (JSON lines + markdown table)",
+        description="Benchmark a model directory: encoder latency, decoder latency for several boxes per call, "
+        "the interactive loop (box -> mask at 512x512 and 2048x2048), cold start, peak memory and graph sizes, "
+        "for every exported precision and for the PyTorch fp32 model, each in its own process.",
+    )
+    _add_default_model_dir(bn)
+    bn.add_argument("--quick", action="store_true", help="1 round x 3 repeats, N up to 16 (minutes, not tens)")
+    bn.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
+    bn.add_argument("--device", choices=DEVICES, default="cpu", help="device for medsam-rt rows (default: cpu)")
+    bn.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (default: %(default)s)")
     return parser
 
 
@@ -175,6 +192,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if model.manifest.random_weights:
         print("medsam-rt: note: RANDOM WEIGHTS model: the masks (and Dice) are meaningless; timings are real")
     run_demo(model, args.out)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .demo import ensure_model
+
+    ensure_model(args.model_dir, log=lambda msg: print(f"medsam-rt bench: {msg}", file=sys.stderr))
+    run_bench(args.model_dir, args.out, quick=args.quick, with_torch=not args.no_torch, device=args.device)
     return 0
 
 
@@ -238,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="medsam-rt: %(message)s")
     try:
-        commands = {"export": _cmd_export, "segment": _cmd_segment, "demo": _cmd_demo}
+        commands = {"export": _cmd_export, "segment": _cmd_segment, "demo": _cmd_demo, "bench": _cmd_bench}
         return commands[args.command](args)
     except MedSAMError as exc:
         print(f"medsam-rt: error: {exc}", file=sys.stderr)

@@ -4,13 +4,11 @@ with known masks and real medical images), write label masks and overlays, print
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .bench import timed
 from .errors import MedSAMError
 from .io import save_png
 from .manifest import MANIFEST_NAME
@@ -57,17 +55,6 @@ def _torch_reference(model: MedSAM, log: Callable[[str], None]) -> Any | None:
         return None
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """Result of ``fn`` and its median wall time in ms over ``repeats`` runs (after the first)."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, 1e3 * float(np.median(times)) if times else float("nan")
-
-
 def run_demo(
     model: MedSAM,
     out_dir: Path,
@@ -80,8 +67,9 @@ def run_demo(
     reference = _torch_reference(model, print_fn)
     rows = []
     for k, sample in enumerate(samples if samples is not None else validation_set(), 1):
-        emb, enc_ms = _timed(lambda s=sample: model.embed(s.image), repeats)
-        res, dec_ms = _timed(lambda e=emb, s=sample: model.segment(e, s.boxes), repeats)
+        enc, emb = timed(lambda s=sample: model.embed(s.image), repeats)
+        dec, res = timed(lambda e=emb, s=sample: model.segment(e, s.boxes), repeats)
+        enc_ms, dec_ms = enc["median_ms"], dec["median_ms"]
         row: dict[str, Any] = {
             "image": sample.name,
             "size": "x".join(map(str, sample.image.shape[:2])),
@@ -95,9 +83,10 @@ def run_demo(
         }
         if reference is not None:
             rgb = to_rgb_uint8(sample.image)
-            ref_emb, row["torch_encode_ms"] = _timed(lambda r=rgb: reference.embed(r), repeats)
-            (ref_masks, _), ref_ms = _timed(lambda e=ref_emb, s=sample: reference.segment(e, s.boxes), repeats)
-            row["torch_segment_ms_per_box"] = ref_ms / len(sample.boxes)
+            enc, ref_emb = timed(lambda r=rgb: reference.embed(r), repeats)
+            dec, (ref_masks, _) = timed(lambda e=ref_emb, s=sample: reference.segment(e, s.boxes), repeats)
+            row["torch_encode_ms"] = enc["median_ms"]
+            row["torch_segment_ms_per_box"] = dec["median_ms"] / len(sample.boxes)
             row["dice_torch"] = min(map(dice, res.masks, ref_masks))
         stem = f"{k:02d}_{re.sub(r'[^A-Za-z0-9.]+', '_', sample.name).strip('_')}"
         save_png(out_dir / f"{stem}_mask.png", res.label_image())

@@ -1,0 +1,298 @@
+"""``medsam-rt bench``: latency, cold start and memory of medsam-rt against PyTorch, in one run.
+
+Every backend (medsam-rt per exported precision, PyTorch fp32) is measured in its own subprocess, so its peak
+RSS and cold start are its own; backends alternate for ``rounds`` rounds so ratios survive a noisy machine.
+Each measurement: warm-up, then ``repeats`` timed runs (median, p95, min). Rows that cannot run here (CUDA
+without a GPU, PyTorch without torch) are skipped with the reason. Output: one JSON line per backend (every
+config field, hardware fingerprint, library versions) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .samples import ellipse_phantom
+
+IMAGE_SIZES = (512, 2048)  # the interactive loop: box -> mask at the original resolution
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "min_ms": float(ms.min())}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, float], Any]:
+    """Warm-up once, then time ``repeats`` runs; returns the stats and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return _stats(times), out
+
+
+def _boxes(n: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    xy = rng.uniform(0, size * 0.5, (n, 2))
+    return np.concatenate([xy, xy + rng.uniform(size * 0.1, size * 0.45, (n, 2))], axis=1)
+
+
+def _ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable, Callable, dict]:
+    from .model import MedSAM
+
+    model = MedSAM.load(model_dir, device=device, precision=precision)
+    g = model.manifest.raw["graphs"]
+    size_mib = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
+    return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, {"graph_mib": size_mib}
+
+
+def _torch_backend(model_dir: Path) -> tuple[Callable, Callable, dict]:
+    """The fp32 PyTorch model behind the export, with the same preprocessing and a torch postprocessing."""
+    import torch
+    import torch.nn.functional as F
+
+    from medsam_rt_export.sources import load_source
+
+    from .preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    info = manifest["model"]
+    random = info["kind"] == "random"
+    source = load_source("" if random else info["source"], random_weights=random, arch=info.get("arch", "vit-base"))
+    p = Preprocessing.from_dict(manifest["preprocessing"])
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+    @torch.no_grad()
+    def embed(image: np.ndarray) -> Any:
+        pixels, resized = preprocess_image(to_rgb_uint8(image), p)
+        return source.reference.encode(torch.from_numpy(pixels)), image.shape[:2], resized
+
+    @torch.no_grad()
+    def segment(emb: Any, boxes: np.ndarray) -> Any:
+        embedding, original, resized = emb
+        logits, _ = source.reference.decode(embedding, torch.from_numpy(scale_boxes(boxes, original, resized, p)))
+        logits = F.interpolate(logits, size=tuple(original), mode="bilinear", align_corners=False)
+        return (logits > 0).numpy()
+
+    return embed, segment, {"graph_mib": None}
+
+
+def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, ...], device: str) -> dict[str, Any]:
+    """Measure one backend in this (fresh) process."""
+    t0 = time.perf_counter()
+    if backend == "pytorch-fp32":
+        embed, segment, extra = _torch_backend(model_dir)
+    else:
+        embed, segment, extra = _ort_backend(model_dir, backend.split("-", 1)[1], device)
+    images = {s: ellipse_phantom(s, s, seed=s).image for s in IMAGE_SIZES}
+    emb = embed(images[IMAGE_SIZES[0]])
+    cold = time.perf_counter() - t0
+    encoder, emb = timed(lambda: embed(images[IMAGE_SIZES[0]]), repeats)
+    decoder = {}
+    for n in box_counts:
+        stats, _ = timed(lambda n=n: segment(emb, _boxes(n, IMAGE_SIZES[0])), repeats)
+        decoder[str(n)] = {**stats, "per_box_ms": stats["median_ms"] / n}
+    loop = {}
+    for s, image in images.items():
+        e = embed(image)
+        loop[str(s)], _ = timed(lambda e=e, s=s: segment(e, _boxes(1, s)), repeats)
+    return {
+        "backend": backend,
+        "cold_start_s": cold,
+        "encoder": encoder,
+        "decoder": decoder,
+        "interactive_loop": loop,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
+    }
+
+
+def fingerprint() -> dict[str, Any]:
+    """CPU model, cores, GPU (when nvidia-smi answers), library versions."""
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    gpu = None
+    try:
+        gpu = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for dist in ("medsam-rt", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def plan(model_dir: Path, device: str, with_torch: bool) -> tuple[list[str], list[str]]:
+    """Backends to run here, and the skipped ones with their reason."""
+    import onnxruntime as ort
+
+    from .manifest import load_manifest
+
+    manifest = load_manifest(model_dir)
+    run, skipped = [], []
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not cuda:
+        skipped.append(f"medsam-rt on CUDA: onnxruntime has no CUDAExecutionProvider here ({ort.get_device()})")
+    for p in manifest.precisions:
+        run.append(f"ort-{p}")
+    if with_torch:
+        try:
+            import torch  # noqa: F401
+
+            import medsam_rt_export  # noqa: F401
+
+            run.insert(0, "pytorch-fp32")
+        except ImportError as exc:
+            skipped.append(f"pytorch-fp32: {exc}")
+    if not cuda:
+        skipped.append("CUDA rows (medsam-rt fp16/fp32 on CUDA, PyTorch on CUDA): no GPU on this host")
+    return run, skipped
+
+
+def run_bench(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    with_torch: bool = True,
+    device: str = "cpu",
+    print_fn: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every backend in subprocesses, print the table, write JSON lines + markdown; return the rows."""
+    repeats, rounds = (3, 1) if quick else (5, 2)
+    box_counts = (1, 4, 16) if quick else (1, 4, 16, 64)
+    backends, skipped = plan(model_dir, device, with_torch)
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for _ in range(rounds):
+        for b in backends:
+            cmd = [
+                sys.executable,
+                "-m",
+                "medsam_rt.bench",
+                str(model_dir),
+                b,
+                str(repeats),
+                ",".join(map(str, box_counts)),
+                device if b.startswith("ort") else "cpu",
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"benchmark worker {b} failed: {r.stderr.strip().splitlines()[-1:]}")
+            runs[b].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    hw = fingerprint()
+    rows = []
+    for b, rs in runs.items():
+
+        def med(get: Callable[[dict], float], rs: list[dict] = rs) -> float:
+            return float(np.median([get(r) for r in rs]))
+
+        rows.append(
+            {
+                "benchmark": "medsam-rt bench",
+                "quick": quick,
+                "model": manifest["model"]["source"],
+                "random_weights": manifest["model"]["random_weights"],
+                "backend": b,
+                "device": device if b.startswith("ort") else "cpu",
+                "repeats": repeats,
+                "rounds": rounds,
+                "image": IMAGE_SIZES[0],
+                "encoder_ms": med(lambda r: r["encoder"]["median_ms"]),
+                "encoder_p95_ms": max(r["encoder"]["p95_ms"] for r in rs),
+                "decoder_ms": {n: med(lambda r, n=str(n): r["decoder"][n]["median_ms"]) for n in box_counts},
+                "decoder_per_box_ms": {n: med(lambda r, n=str(n): r["decoder"][n]["per_box_ms"]) for n in box_counts},
+                "interactive_ms": {
+                    s: med(lambda r, s=str(s): r["interactive_loop"][s]["median_ms"]) for s in IMAGE_SIZES
+                },
+                "cold_start_s": med(lambda r: r["cold_start_s"]),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+                "graph_mib": rs[0]["graph_mib"],
+                "hardware": hw,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
+    table = format_table(rows, skipped, hw)
+    print_fn(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{Path(str(rows[0]['model'])).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    print_fn(f"wrote {out_dir / stem}.jsonl and .md")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], skipped: list[str], hw: dict[str, Any]) -> str:
+    torch_row = next((r for r in rows if r["backend"] == "pytorch-fp32"), None)
+    counts = list(rows[0]["decoder_ms"])
+    r0 = rows[0]
+    head = (
+        f"{r0['model']} ({'random weights' if r0['random_weights'] else 'trained weights'}); {hw['cpu']}, "
+        f"{hw['cores']} cores{', ' + hw['gpu'] if hw['gpu'] else ''}; medians of {r0['rounds']}x{r0['repeats']}"
+    )
+    lines = [
+        head,
+        "",
+        "| backend | encoder ms | vs PyTorch | "
+        + " | ".join(f"decoder ms/box N={n}" for n in counts)
+        + " | "
+        + " | ".join(f"box→mask {s}² ms" for s in IMAGE_SIZES)
+        + " | cold start s | peak RSS MiB | MiB |",
+        "|" + "---|" * (6 + len(counts) + len(IMAGE_SIZES)),
+    ]
+    for r in rows:
+        ratio = f"{r['encoder_ms'] / torch_row['encoder_ms']:.2f}×" if torch_row else "–"
+        lines.append(
+            f"| {r['backend']} | {r['encoder_ms']:.0f} | {ratio} | "
+            + " | ".join(f"{r['decoder_per_box_ms'][n]:.1f}" for n in counts)
+            + " | "
+            + " | ".join(f"{r['interactive_ms'][s]:.1f}" for s in IMAGE_SIZES)
+            + f" | {r['cold_start_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            + ("–" if r["graph_mib"] is None else f"{r['graph_mib']:.0f}")
+            + " |"
+        )
+    lines += [f"\nskipped: {reason}" for reason in skipped]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # worker entry: python -m medsam_rt.bench MODEL_DIR BACKEND REPEATS COUNTS DEVICE
+    _dir, _backend, _repeats, _counts, _device = sys.argv[1:6]
+    result = worker(Path(_dir), _backend, int(_repeats), tuple(int(n) for n in _counts.split(",")), _device)
+    print(json.dumps(result))

@@ -1,0 +1,47 @@
+"""`medsam-rt bench`: real measurements of every backend in subprocesses, JSON lines + markdown written."""
+
+from __future__ import annotations
+
+import json
+
+from medsam_rt.bench import IMAGE_SIZES, format_table, run_bench
+
+
+def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
+    lines: list[str] = []
+    rows = run_bench(tiny_dir, tmp_path, quick=True, print_fn=lines.append)
+    assert [r["backend"] for r in rows] == ["pytorch-fp32", "ort-fp32", "ort-fp16"]
+    for r in rows:
+        assert r["encoder_ms"] > 0 and r["cold_start_s"] > 0 and r["peak_rss_mib"] > 50
+        assert set(r["decoder_per_box_ms"]) == {1, 4, 16} and all(v > 0 for v in r["decoder_per_box_ms"].values())
+        assert set(r["interactive_ms"]) == set(IMAGE_SIZES)
+        assert r["hardware"]["cores"] >= 1 and "onnxruntime" in r["hardware"]["versions"]
+        assert r["random_weights"] is True and r["quick"] is True
+    assert rows[0]["graph_mib"] is None and rows[1]["graph_mib"] > rows[2]["graph_mib"]  # fp16 graphs are smaller
+    written = sorted(p.suffix for p in tmp_path.iterdir())
+    assert written == [".jsonl", ".md"]
+    jsonl = next(tmp_path.glob("*.jsonl")).read_text().splitlines()
+    assert [json.loads(line)["backend"] for line in jsonl] == ["pytorch-fp32", "ort-fp32", "ort-fp16"]
+    table = "\n".join(lines)
+    assert "| ort-fp32 |" in table and "skipped: CUDA rows" in table and "vs PyTorch" in table
+    header, sep = table.splitlines()[2:4]
+    assert header.count("|") == sep.count("|")
+
+
+def test_table_without_torch_row():
+    row = {
+        "backend": "ort-fp32",
+        "model": "m",
+        "random_weights": False,
+        "rounds": 1,
+        "repeats": 3,
+        "encoder_ms": 10.0,
+        "decoder_per_box_ms": {1: 2.0},
+        "decoder_ms": {1: 2.0},
+        "interactive_ms": {s: 3.0 for s in IMAGE_SIZES},
+        "cold_start_s": 0.5,
+        "peak_rss_mib": 100.0,
+        "graph_mib": 1.0,
+    }
+    table = format_table([row], ["pytorch-fp32: No module named 'torch'"], {"cpu": "x", "cores": 2, "gpu": None})
+    assert "| ort-fp32 | 10 | – |" in table and "skipped: pytorch-fp32" in table
