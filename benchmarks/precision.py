@@ -5,14 +5,14 @@ next to the fp32 PyTorch model, in the same run.
 
 Each backend runs in its own subprocess (so peak RSS is its own), warm-up first, then ``--repeats`` timed
 runs; the backends alternate for ``--rounds`` rounds so that ratios survive a noisy machine. Writes one JSON
-line per measurement (config, hardware, versions) and a markdown table.
+line per measurement (config, hardware, versions) and a markdown table. "decoder" is one box to a mask at the
+image's resolution, for both medsam-rt (``segment``) and PyTorch (decoder + bilinear + threshold).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam_rt.bench import fingerprint, timed
+from medsam_rt.bench import fingerprint, ort_backend, timed
 
 IMAGE_SHAPE = (512, 512)
 
@@ -33,46 +33,21 @@ def _image() -> np.ndarray:
 
 
 def worker(model_dir: Path, backend: str, repeats: int) -> dict:
-    """Measure one backend in this (fresh) process."""
+    """Measure one backend in this (fresh) process, with the backends ``medsam-rt bench`` uses."""
     image = _image()
     box = np.array([[150.0, 150, 380, 380]])
     t0 = time.perf_counter()
     if backend == "pytorch-fp32":
-        import torch
+        from medsam_rt_export.bench import torch_backend
 
-        from medsam_rt.preprocess import preprocess_image, scale_boxes, to_rgb_uint8
-        from medsam_rt_export.sources import load_source
-
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        info = manifest["model"]
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-        source = load_source(
-            info["source"].replace("random:", "") if info["kind"] != "random" else "",
-            random_weights=info["kind"] == "random",
-            arch=info.get("arch", "vit-base"),
-        )
-        from medsam_rt.preprocess import Preprocessing
-
-        p = Preprocessing.from_dict(manifest["preprocessing"])
-        pixels, resized = preprocess_image(to_rgb_uint8(image), p)
-        boxes = torch.from_numpy(scale_boxes(box, image.shape[:2], resized, p))
-        with torch.no_grad():
-            first = source.reference.encode(torch.from_numpy(pixels))
-            cold = time.perf_counter() - t0
-            enc, emb = timed(lambda: source.reference.encode(torch.from_numpy(pixels)), repeats)
-            dec, _ = timed(lambda: source.reference.decode(emb, boxes), repeats)
-        del first
-        size = None
+        embed, segment, extra = torch_backend(model_dir)
     else:
-        from medsam_rt import MedSAM
-
-        model = MedSAM.load(model_dir, precision=backend.split("-")[1])
-        emb = model.embed(image)
-        cold = time.perf_counter() - t0
-        enc, emb = timed(lambda: model.embed(image), repeats)
-        dec, _ = timed(lambda: model.segment(emb, box), repeats)
-        g = model.manifest.raw["graphs"]
-        size = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
+        embed, segment, extra = ort_backend(model_dir, backend.split("-", 1)[1], "cpu")
+    emb = embed(image)
+    cold = time.perf_counter() - t0
+    enc, emb = timed(lambda: embed(image), repeats)
+    dec, _ = timed(lambda: segment(emb, box), repeats)
+    size = extra["graph_mib"]
     return {
         "backend": backend,
         "encoder": enc,

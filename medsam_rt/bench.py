@@ -50,7 +50,8 @@ def _boxes(n: int, size: int) -> np.ndarray:
     return np.concatenate([xy, xy + rng.uniform(size * 0.1, size * 0.45, (n, 2))], axis=1)
 
 
-def _ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable, Callable, dict]:
+def ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable, Callable, dict]:
+    """medsam-rt on a model directory: ``embed(image)``, ``segment(emb, boxes) -> masks``, extra row fields."""
     from .model import MedSAM
 
     model = MedSAM.load(model_dir, device=device, precision=precision)
@@ -59,44 +60,15 @@ def _ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable
     return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, {"graph_mib": size_mib}
 
 
-def _torch_backend(model_dir: Path) -> tuple[Callable, Callable, dict]:
-    """The fp32 PyTorch model behind the export, with the same preprocessing and a torch postprocessing."""
-    import torch
-    import torch.nn.functional as F
-
-    from medsam_rt_export.sources import load_source
-
-    from .preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
-
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    info = manifest["model"]
-    random = info["kind"] == "random"
-    source = load_source("" if random else info["source"], random_weights=random, arch=info.get("arch", "vit-base"))
-    p = Preprocessing.from_dict(manifest["preprocessing"])
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-
-    @torch.no_grad()
-    def embed(image: np.ndarray) -> Any:
-        pixels, resized = preprocess_image(to_rgb_uint8(image), p)
-        return source.reference.encode(torch.from_numpy(pixels)), image.shape[:2], resized
-
-    @torch.no_grad()
-    def segment(emb: Any, boxes: np.ndarray) -> Any:
-        embedding, original, resized = emb
-        logits, _ = source.reference.decode(embedding, torch.from_numpy(scale_boxes(boxes, original, resized, p)))
-        logits = F.interpolate(logits, size=tuple(original), mode="bilinear", align_corners=False)
-        return (logits > 0).numpy()
-
-    return embed, segment, {"graph_mib": None}
-
-
 def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, ...], device: str) -> dict[str, Any]:
     """Measure one backend in this (fresh) process."""
     t0 = time.perf_counter()
     if backend == "pytorch-fp32":
-        embed, segment, extra = _torch_backend(model_dir)
+        from medsam_rt_export.bench import torch_backend  # the torch side lives in the export package
+
+        embed, segment, extra = torch_backend(model_dir)
     else:
-        embed, segment, extra = _ort_backend(model_dir, backend.split("-", 1)[1], device)
+        embed, segment, extra = ort_backend(model_dir, backend.split("-", 1)[1], device)
     images = {s: ellipse_phantom(s, s, seed=s).image for s in IMAGE_SIZES}
     emb = embed(images[IMAGE_SIZES[0]])
     cold = time.perf_counter() - t0
@@ -174,9 +146,7 @@ def plan(model_dir: Path, device: str, with_torch: bool) -> tuple[list[str], lis
         run.append(f"ort-{p}")
     if with_torch:
         try:
-            import torch  # noqa: F401
-
-            import medsam_rt_export  # noqa: F401
+            import medsam_rt_export.bench  # noqa: F401  (needs torch and the export extra)
 
             run.insert(0, "pytorch-fp32")
         except ImportError as exc:
