@@ -107,7 +107,12 @@ def extreme_inputs() -> list[tuple[str, np.ndarray]]:
 
 
 def check_variant(
-    precision: str, preprocessing: dict[str, Any], fp32: dict[str, Path], variant: dict[str, Path], gate_dice: bool
+    precision: str,
+    preprocessing: dict[str, Any],
+    fp32: dict[str, Path],
+    variant: dict[str, Path],
+    gate_dice: bool,
+    fp32_results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A precision variant's gate, run through the runtime's own pipeline on ONNX Runtime's CPU provider.
 
@@ -116,6 +121,9 @@ def check_variant(
        per box, mask Dice vs the fp32 graphs >= :data:`DICE_MIN` and IoU-score difference <= :data:`IOU_MAX_DIFF`
        (enforced when ``gate_dice``; random-weight models only report them).
 
+    ``fp32_results`` (sample name -> fp32 ``Segmentation``) carries the fp32 predictions from one variant's gate
+    to the next, so an export with several variants runs the fp32 graphs over the validation set once.
+
     Raises:
         GateError: a check fails (the export writes nothing).
     """
@@ -123,7 +131,6 @@ def check_variant(
     from medsam_rt.samples import dice, validation_set
 
     p = Preprocessing.from_dict(preprocessing)
-    ref = MedSAM(p, fp32["encoder"], fp32["decoder"], model_id="gate-fp32")
     var = MedSAM(p, variant["encoder"], variant["decoder"], precision=precision, model_id=f"gate-{precision}")
     for name, image in extreme_inputs():
         emb = var.embed(image)
@@ -141,8 +148,13 @@ def check_variant(
     samples = validation_set() if gate_dice else validation_set()[:RANDOM_WEIGHT_SAMPLES]
     dices, iou_diffs, logit_diffs, boxes = [], [], [], 0
     worst = ("", 1.0)
+    fp32_results = {} if fp32_results is None else fp32_results
+    ref = None  # the fp32 sessions, created only if some prediction is not cached yet
     for sample in samples:
-        r, v = ref.predict(sample.image, sample.boxes), var.predict(sample.image, sample.boxes)
+        if sample.name not in fp32_results:
+            ref = ref or MedSAM(p, fp32["encoder"], fp32["decoder"], model_id="gate-fp32")
+            fp32_results[sample.name] = ref.predict(sample.image, sample.boxes)
+        r, v = fp32_results[sample.name], var.predict(sample.image, sample.boxes)
         for k in range(len(sample.boxes)):
             d = dice(v.masks[k], r.masks[k])
             dices.append(d)

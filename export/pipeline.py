@@ -149,6 +149,7 @@ def export_model(
         files: dict[str, dict[str, Path]] = {"fp32": fp32}
         conversion: dict[str, Any] = {}
         gates: dict[str, Any] = {}
+        fp32_results: dict[str, Any] = {}  # fp32 predictions on the validation set, shared by the gates
         for precision in precisions:
             if precision == "fp16":
                 files["fp16"] = {role: tmp / f"{role}.fp16.onnx" for role in ROLES}
@@ -164,7 +165,9 @@ def export_model(
                 else:
                     conversion["int8"]["decoder"] = {"note": "fp32 decoder (quantising it bought nothing)"}
             log(f"{precision} gate: extreme inputs" + (" and validation images vs fp32" if precision != "fp32" else ""))
-            gates[precision] = check_variant(precision, source.preprocessing, fp32, files[precision], gate_dice)
+            gates[precision] = check_variant(
+                precision, source.preprocessing, fp32, files[precision], gate_dice, fp32_results
+            )
             if precision != "fp32":
                 log(f"{precision} gate: {_gate_summary(gates[precision])}")
 
