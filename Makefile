@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[export,lite,samples,dev]'
+	$(PY) -m pip install -q -e '.[export,lite,samples,medical,dev]'
 	touch $@
 
 # The main job, offline: export LiteMedSAM (shipped weights) if not yet exported, segment the sample images,
