@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Build the C++ example: examples/cpp/build.sh BUILD_DIR  ->  BUILD_DIR/medsam_rt_cpp
+#
+# Needs cmake (>= 3.16) and a C++17 compiler. ONNX Runtime comes without a network download of its own:
+#  - the library: the libonnxruntime.so.* that the onnxruntime Python wheel ships in onnxruntime/capi/
+#    ($PYTHON, default: the repository's .venv/bin/python, then python3); onnxruntime-gpu's wheel gives --cuda;
+#  - the C/C++ headers: Debian 13's libonnxruntime-dev package (its C API is backward compatible with newer
+#    libraries), fetched with apt-get download through a private apt state (nothing is installed into /) from the
+#    Debian mirror this machine's apt sources name, and unpacked with dpkg -x into BUILD_DIR/deps/.
+#    Set ORT_INCLUDE_DIR to use headers you already have instead.
+# Idempotent: the downloaded .deb is reused ($MEDSAM_CPP_DEB_CACHE, default BUILD_DIR/deps, holds it).
+set -euo pipefail
+
+die() { echo "build.sh: error: $*" >&2; exit 1; }
+
+[ $# -eq 1 ] || die "usage: examples/cpp/build.sh BUILD_DIR"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+mkdir -p "$1"
+build=$(cd "$1" && pwd)
+deps="$build/deps"
+cache="${MEDSAM_CPP_DEB_CACHE:-$deps}"
+mkdir -p "$deps" "$cache"
+
+# --- tools -----------------------------------------------------------------------------------------------------
+missing=()
+command -v cmake >/dev/null || missing+=("cmake (Debian/Ubuntu: apt-get install cmake)")
+cxx="${CXX:-}"
+if [ -z "$cxx" ]; then
+  for c in c++ g++ clang++; do
+    if command -v "$c" >/dev/null; then cxx=$(command -v "$c"); break; fi
+  done
+fi
+[ -n "$cxx" ] && command -v "$cxx" >/dev/null || missing+=("a C++17 compiler (Debian/Ubuntu: apt-get install g++)")
+command -v make >/dev/null || command -v ninja >/dev/null || missing+=("make (Debian/Ubuntu: apt-get install make)")
+[ ${#missing[@]} -eq 0 ] || die "missing build tools: ${missing[*]}"
+
+# --- the library, from the onnxruntime wheel -----------------------------------------------------------------------
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
+fi
+capi=$("$python" -c 'import importlib.util as u, os
+s = u.find_spec("onnxruntime")
+print(os.path.join(s.submodule_search_locations[0], "capi") if s else "")' 2>/dev/null) ||
+  die "cannot run $python to find the onnxruntime wheel (set PYTHON)"
+[ -n "$capi" ] || die "$python has no onnxruntime package (pip install onnxruntime, or set PYTHON)"
+lib=$(ls "$capi"/libonnxruntime.so.* 2>/dev/null | sort -V | tail -n 1 || true)
+[ -n "$lib" ] || die "no libonnxruntime.so.* in $capi: this onnxruntime wheel does not ship the shared library"
+ortlib="$build/ort"
+mkdir -p "$ortlib"
+# the soname is libonnxruntime.so.1; ONNX Runtime loads provider libraries from the folder it was loaded from
+ln -sfn "$lib" "$ortlib/libonnxruntime.so"
+ln -sfn "$lib" "$ortlib/libonnxruntime.so.1"
+for p in "$capi"/libonnxruntime_providers_*.so; do
+  [ -e "$p" ] && ln -sfn "$p" "$ortlib/$(basename "$p")"
+done
+
+# --- the headers, from Debian 13's libonnxruntime-dev ---------------------------------------------------------------
+debian_mirror() {  # the first Debian archive URI in the system's apt sources (one-line and deb822 formats)
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -r "$f" ] || continue
+    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }' "$f"
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    awk 'tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i }' "$f"
+  done
+}
+
+include="${ORT_INCLUDE_DIR:-}"
+if [ -z "$include" ]; then
+  include="$deps/libonnxruntime-dev/usr/include/onnxruntime"
+  if [ ! -f "$include/onnxruntime_cxx_api.h" ]; then
+    deb=$(ls "$cache"/libonnxruntime-dev_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$deb" ]; then
+      command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
+        die "no ONNX Runtime headers: need apt-get + dpkg to fetch Debian's libonnxruntime-dev, or set ORT_INCLUDE_DIR"
+      mirror="${DEBIAN_MIRROR:-$(debian_mirror | grep -E '/debian/?$' | head -n 1)}"
+      [ -n "$mirror" ] ||
+        die "no Debian mirror in /etc/apt/sources.list{,.d/*}; set DEBIAN_MIRROR=<URI> or ORT_INCLUDE_DIR"
+      keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+      [ -r "$keyring" ] || die "$keyring is missing (apt-get install debian-archive-keyring)"
+      apt="$deps/apt"
+      mkdir -p "$apt/etc/sources.list.d" "$apt/etc/preferences.d" "$apt/lists/partial" "$apt/cache/archives/partial"
+      echo "deb [signed-by=$keyring] ${mirror%/} trixie main" >"$apt/etc/sources.list"
+      : >"$apt/status"
+      opts=(-o "Dir::Etc::sourcelist=$apt/etc/sources.list" -o "Dir::Etc::sourceparts=$apt/etc/sources.list.d"
+        -o "Dir::Etc::preferencesparts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
+        -o "Dir::State::status=$apt/status" -o "Dir::Cache=$apt/cache"
+        -o "APT::Sandbox::User=$(id -un)")
+      echo "build.sh: fetching libonnxruntime-dev (Debian trixie) from $mirror" >&2
+      apt-get -q "${opts[@]}" update >"$apt/update.log" 2>&1 ||
+        die "apt-get update against $mirror (trixie) failed; see $apt/update.log"
+      (cd "$cache" && apt-get -q "${opts[@]}" download libonnxruntime-dev >"$apt/download.log" 2>&1) ||
+        die "apt-get download libonnxruntime-dev failed; see $apt/download.log"
+      deb=$(ls "$cache"/libonnxruntime-dev_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
+      [ -n "$deb" ] || die "apt-get download left no libonnxruntime-dev_*.deb in $cache"
+    fi
+    rm -rf "$deps/libonnxruntime-dev"
+    dpkg -x "$deb" "$deps/libonnxruntime-dev"
+    [ -f "$include/onnxruntime_cxx_api.h" ] || die "$deb holds no onnxruntime_cxx_api.h"
+  fi
+fi
+[ -f "$include/onnxruntime_cxx_api.h" ] || die "ORT_INCLUDE_DIR=$include has no onnxruntime_cxx_api.h"
+
+# --- configure + build ----------------------------------------------------------------------------------------------
+cmake -S "$here" -B "$build/cmake" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$cxx" \
+  -DORT_INCLUDE_DIR="$include" -DORT_LIB_DIR="$ortlib" -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$build" >"$build/cmake.log" ||
+  { cat "$build/cmake.log" >&2; die "cmake configure failed"; }
+cmake --build "$build/cmake" --parallel "${MEDSAM_CPP_JOBS:-2}" >>"$build/cmake.log" 2>&1 ||
+  { tail -n 40 "$build/cmake.log" >&2; die "compilation failed (log: $build/cmake.log)"; }
+[ -x "$build/medsam_rt_cpp" ] || die "the build left no $build/medsam_rt_cpp"
+echo "built $build/medsam_rt_cpp (ONNX Runtime library $(basename "$lib") from $capi, headers $include)"
