@@ -7,7 +7,12 @@ document (README "Model directory") and the code cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +85,9 @@ class Manifest:
             )
         return requested
 
+    def encoder_sha256s(self) -> set[str]:
+        return {g.sha256 for (role, _), g in self.graphs.items() if role == "encoder"}
+
     def graph(self, role: str, precision: str) -> GraphEntry:
         try:
             return self.graphs[(role, precision)]
@@ -131,3 +139,155 @@ def load_manifest(directory: str | Path) -> Manifest:
                 f"{g.path.name} has {g.path.stat().st_size} bytes, the manifest says {g.size}: truncated or replaced"
             )
     return Manifest(directory, raw, preprocessing, graphs)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- verification on load -------------------------------------------------------------------------------------------
+#
+# Fast path: a graph whose (path, device, inode, size, mtime_ns, ctime_ns) was seen to hash to the manifest's
+# sha256 is not hashed again. Those records live in this process and, best effort, in a small JSON file in the
+# user's cache directory (never in the model directory, which may be read-only or shared): a file that cannot be
+# read or written is ignored. ``verify=True`` always hashes.
+
+#: Environment variable naming the fast-path record file; empty or "off" keeps records in this process only.
+VERIFY_CACHE_ENV = "MEDSAM_RT_VERIFY_CACHE"
+_VERIFY_CACHE_ENTRIES = 256
+_verified: dict[str, list[Any]] = {}
+_verified_lock = threading.Lock()
+
+
+def verify_cache_path() -> Path | None:
+    """Where fast-path records persist: ``$MEDSAM_RT_VERIFY_CACHE``, else ``$XDG_CACHE_HOME`` or
+    ``~/.cache`` + ``/medsam-rt/verified.json``; ``None`` when disabled (the variable is empty or ``off``)."""
+    env = os.environ.get(VERIFY_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medsam-rt" / "verified.json"
+
+
+def _stat_key(path: Path) -> tuple[str, list[Any]]:
+    st = path.stat()
+    return str(path.resolve()), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_records(file: Path | None) -> dict[str, list[Any]]:
+    if file is None:
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return {str(k): list(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _write_records(file: Path | None, records: dict[str, list[Any]]) -> None:
+    """Persist records (atomically, newest last, bounded); any failure is ignored: the cache is an optimisation."""
+    if file is None:
+        return
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        items = list(records.items())[-_VERIFY_CACHE_ENTRIES:]
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(dict(items), fh)
+        os.replace(tmp, file)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def verify_graph(entry: GraphEntry, *, full: bool = False) -> bool:
+    """Check a graph file against its manifest entry: size always, sha256 unless the fast path vouches for it.
+
+    Args:
+        entry: the manifest's record of the file.
+        full: hash the file even when an identical (size, mtime, inode) file was verified before.
+
+    Returns:
+        ``True`` when the file was hashed, ``False`` when the fast path skipped hashing.
+
+    Raises:
+        ModelDirError: missing, truncated/extended or edited file (the message names it).
+    """
+    path = entry.path
+    try:
+        key, stamp = _stat_key(path)
+    except OSError:
+        raise ModelDirError(f"{path.name} listed in the manifest of {path.parent} is missing") from None
+    if stamp[2] != entry.size:
+        raise ModelDirError(
+            f"{path.name} has {stamp[2]} bytes, the manifest says {entry.size}: truncated or replaced "
+            f"(in {path.parent})"
+        )
+    record = stamp + [entry.sha256]
+    file = verify_cache_path()
+    if not full:
+        with _verified_lock:
+            if _verified.get(key) == record:
+                return False
+        if _read_records(file).get(key) == record:
+            with _verified_lock:
+                _verified[key] = record
+            return False
+    actual = sha256_file(path)
+    if actual != entry.sha256:
+        raise ModelDirError(
+            f"{path.name} in {path.parent} has sha256 {actual[:16]}..., the manifest says {entry.sha256[:16]}...: "
+            "the file was edited or replaced; restore it or export the model again"
+        )
+    with _verified_lock:
+        _verified[key] = record
+    records = _read_records(file)
+    records.pop(key, None)
+    records[key] = record
+    _write_records(file, records)
+    return True
+
+
+def check_graph_metadata(manifest: Manifest, entry: GraphEntry, metadata: Mapping[str, str]) -> None:
+    """Check a graph's ``metadata_props`` (as ONNX Runtime reports them) against the manifest.
+
+    The graph must be a medsam-rt graph of this schema, of the role and precision its file name says, carry the
+    manifest's ``model`` and ``preprocessing``, and a decoder must pair with one of the manifest's encoders.
+
+    Raises:
+        ModelDirError: naming the file and the first key that disagrees.
+    """
+    name = entry.path.name
+    props = {k[len(METADATA_PREFIX) :]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
+    if not props:
+        raise ModelDirError(f"{name} carries no {METADATA_PREFIX}* metadata: not a graph written by medsam-rt export")
+    parts = name.split(".")
+    expected: dict[str, Any] = {
+        "schema_version": str(SCHEMA_VERSION),
+        "role": entry.role,
+        "precision": parts[1] if len(parts) == 3 else entry.precision,
+    }
+    for key, value in expected.items():
+        if props.get(key) != value:
+            raise ModelDirError(f"{name}: its metadata says {key}={props.get(key)!r}, expected {value!r}")
+    for key in ("model", "preprocessing"):
+        try:
+            value = json.loads(props[key])
+        except (KeyError, ValueError):
+            raise ModelDirError(f"{name}: its metadata has no valid {key!r} entry") from None
+        if value != manifest.raw[key]:
+            raise ModelDirError(
+                f"{name}: its metadata {key!r} differs from {MANIFEST_NAME}'s: the graph comes from another export, "
+                f"or {MANIFEST_NAME} was edited"
+            )
+    if entry.role == "decoder" and props.get("encoder_sha256") not in manifest.encoder_sha256s():
+        raise ModelDirError(
+            f"{name} pairs with encoder sha256 {str(props.get('encoder_sha256'))[:16]}..., which is none of the "
+            f"encoders in {MANIFEST_NAME}: the decoder comes from another export"
+        )

@@ -9,20 +9,27 @@ from typing import Any
 
 import numpy as np
 
+from .cache import EmbeddingCache, image_digest, model_digest
 from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError
 from .io import read_image
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, check_graph_metadata, load_manifest, verify_graph
 from .postprocess import sigmoid, upscale_logits
-from .preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8, validate_boxes
-from .providers import create_session, resolve_device
+from .preprocess import Preprocessing, preprocess_image, resized_shape, scale_boxes, to_rgb_uint8, validate_boxes
+from .providers import NodePlacement, create_session, node_placement, resolve_device
+
+#: ``cache=`` of :meth:`MedSAM.load`: ``True`` (default budget), ``False``/0 (none), a byte budget or a shared cache.
+CacheArg = bool | int | EmbeddingCache | None
 
 
 @dataclass(frozen=True, eq=False)
 class ImageEmbedding:
     """The encoder's output for one image, plus what ``segment`` needs to map boxes and masks.
 
+    Embeddings may be shared (the model's embedding cache hands the same object to every caller that embeds the
+    same pixels), so the array is read-only.
+
     Attributes:
-        embeddings: float32 ``(1, C, 64, 64)`` image embedding.
+        embeddings: float32 ``(1, C, 64, 64)`` image embedding (read-only).
         original_size: ``(H, W)`` of the image as given.
         resized_size: ``(h, w)`` of the resized image inside the encoder's padded input.
         model_id: identity of the model that made it (``segment`` refuses others).
@@ -67,7 +74,13 @@ class MedSAM:
     """A MedSAM model directory loaded on ONNX Runtime (no torch needed).
 
     Use :meth:`load`; then :meth:`embed` each image once and :meth:`segment` it
-    with as many boxes as needed. Instances are safe to share between threads.
+    with as many boxes as needed. Instances are safe to share between threads
+    (ONNX Runtime sessions allow concurrent ``run`` calls; the rest is stateless
+    numpy, and the embedding cache has its own lock).
+
+    Attributes:
+        cache: the :class:`~medsam_rt.cache.EmbeddingCache` used by :meth:`embed`, or ``None``;
+            ``model.cache.stats()`` gives hits, misses, evictions and bytes held.
     """
 
     def __init__(
@@ -81,6 +94,7 @@ class MedSAM:
         model_id: str,
         threads: int | None = None,
         manifest: Manifest | None = None,
+        cache: CacheArg = True,
     ) -> None:
         """A model from two graph files and a recipe. Most callers want :meth:`load` (a model directory);
         the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``)."""
@@ -89,12 +103,17 @@ class MedSAM:
         self.precision = precision
         self.preprocessing = preprocessing
         self._model_id = model_id
+        self._paths = {"encoder": Path(encoder_path), "decoder": Path(decoder_path)}
+        self._threads = threads
         self._encoder = create_session(os.fspath(encoder_path), device, threads)
         self._decoder = create_session(os.fspath(decoder_path), device, threads)
         enc_in = self._encoder.get_inputs()[0]
         if list(enc_in.shape[2:]) != list(preprocessing.pad_size):
             name = Path(encoder_path).name
             raise ModelDirError(f"{name} expects input {enc_in.shape}, but the recipe pads to {preprocessing.pad_size}")
+        self._embedding_shape = tuple(self._decoder.get_inputs()[0].shape)
+        self._cache_key = model_digest(model_id, preprocessing.to_dict())
+        self.cache = _make_cache(cache)
 
     @classmethod
     def load(
@@ -103,8 +122,16 @@ class MedSAM:
         device: str = "cpu",
         precision: str = "auto",
         threads: int | None = None,
+        *,
+        verify: bool = False,
+        cache: CacheArg = True,
     ) -> MedSAM:
-        """Load an exported model directory.
+        """Load an exported model directory, checking it against its manifest.
+
+        Every load checks the manifest's schema version, each loaded graph's size and sha256 (hashed once per
+        file version: a file whose size, inode and mtime were verified before, in this process or recorded in
+        the user's cache directory, is not hashed again) and that each graph's metadata names the manifest's
+        model, preprocessing, role and precision.
 
         Args:
             model_dir: directory written by ``medsam-rt export``.
@@ -113,16 +140,24 @@ class MedSAM:
                 exported (their gates passed at export), else fp32. fp16 runs on the CPU provider too (its gate
                 ran there) but slower than fp32.
             threads: intra-op threads; default: the physical cores.
+            verify: hash every loaded graph regardless of earlier verifications; on CUDA, also profile one run
+                of each graph and fail if a node fell back to the CPU (:meth:`node_placement`).
+            cache: embedding cache: ``True`` (default budget, :func:`medsam_rt.cache.default_max_bytes`),
+                ``False`` or 0 (none), a budget in bytes, or an :class:`~medsam_rt.cache.EmbeddingCache` to
+                share between models (keys include the model and its preprocessing).
 
         Raises:
-            ModelDirError: not a valid model directory, or the precision was not exported.
-            ProviderUnavailableError: the device is not available.
+            ModelDirError: not a valid model directory, the precision was not exported, or a graph file is
+                truncated, edited, swapped or from another export (the message names the file).
+            ProviderUnavailableError: the device is not available (or, with ``verify`` on CUDA, nodes fell back).
         """
         manifest = load_manifest(Path(model_dir))
         device = resolve_device(device)
         precision = manifest.choose_precision(precision, device)
         enc, dec = manifest.graph("encoder", precision), manifest.graph("decoder", precision)
-        return cls(
+        for entry in (enc, dec):
+            verify_graph(entry, full=verify)
+        model = cls(
             manifest.preprocessing,
             enc.path,
             dec.path,
@@ -131,7 +166,14 @@ class MedSAM:
             model_id=f"{manifest.model_id}#{precision}",
             threads=threads,
             manifest=manifest,
+            cache=cache,
         )
+        for entry, session in ((enc, model._encoder), (dec, model._decoder)):
+            check_graph_metadata(manifest, entry, session.get_modelmeta().custom_metadata_map)
+        if verify and device != "cpu":
+            for placement in model.node_placement().values():
+                placement.check()
+        return model
 
     @property
     def model_id(self) -> str:
@@ -146,14 +188,24 @@ class MedSAM:
                 ``(H, W, 1|3|4)`` of uint8, uint16 or float (see
                 :func:`medsam_rt.preprocess.to_rgb_uint8` for intensity handling).
 
+        With the embedding cache on, an image whose pixels (dtype, shape, values) were embedded before by this
+        model is not encoded again: the cached (read-only) embedding is returned.
+
         Raises:
             InvalidImageError: unreadable file or unsupported array.
         """
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
+        if self.cache is None or not isinstance(image, np.ndarray) or image.dtype.kind not in "biuf":
+            return self._embed(image)  # (unsupported arrays raise there)
+        key = f"{image_digest(image)}:{self._cache_key}"
+        return self.cache.get_or_compute(key, lambda: self._embed(image))
+
+    def _embed(self, image: np.ndarray) -> ImageEmbedding:
         rgb = to_rgb_uint8(image)
         pixel_values, resized = preprocess_image(rgb, self.preprocessing)
         (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
+        emb.setflags(write=False)
         return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
 
     def segment(self, embedding: ImageEmbedding, boxes: Any) -> Segmentation:
@@ -166,17 +218,9 @@ class MedSAM:
 
         Raises:
             InvalidBoxError: malformed or out-of-image boxes.
-            EmbeddingMismatchError: the embedding came from another model.
+            EmbeddingMismatchError: the embedding came from another model or precision, or was altered.
         """
-        if not isinstance(embedding, ImageEmbedding):
-            raise EmbeddingMismatchError(
-                f"expected an ImageEmbedding from MedSAM.embed, got {type(embedding).__name__}"
-            )
-        if embedding.model_id != self.model_id:
-            raise EmbeddingMismatchError(
-                f"embedding was made by model {embedding.model_id!r}, not by this model {self.model_id!r}; "
-                "embed the image with this model"
-            )
+        self._check_embedding(embedding)
         boxes = validate_boxes(boxes, embedding.original_size)
         scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
         logits, scores = self._decoder.run(
@@ -192,9 +236,63 @@ class MedSAM:
             low_res_logits=low_res,
         )
 
+    def _check_embedding(self, embedding: Any) -> None:
+        if not isinstance(embedding, ImageEmbedding):
+            raise EmbeddingMismatchError(
+                f"expected an ImageEmbedding from MedSAM.embed, got {type(embedding).__name__}"
+            )
+        if embedding.model_id != self.model_id:
+            raise EmbeddingMismatchError(
+                f"embedding was made by model {embedding.model_id!r}, not by this model {self.model_id!r}; "
+                "embed the image with this model"
+            )
+        emb = embedding.embeddings
+        if (
+            not isinstance(emb, np.ndarray)
+            or emb.dtype != np.float32
+            or emb.ndim != len(self._embedding_shape)
+            or any(isinstance(d, int) and d != n for d, n in zip(self._embedding_shape, emb.shape, strict=True))
+        ):
+            got = f"{emb.dtype} {emb.shape}" if isinstance(emb, np.ndarray) else type(emb).__name__
+            raise EmbeddingMismatchError(f"embedding holds {got}; this model's are float32 {self._embedding_shape}")
+        try:
+            size = tuple(int(v) for v in embedding.original_size)
+            ok = (
+                len(size) == 2
+                and min(size) > 0
+                and tuple(embedding.resized_size) == resized_shape(size, self.preprocessing)
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise EmbeddingMismatchError(
+                f"embedding sizes original={embedding.original_size!r}, resized={embedding.resized_size!r} are "
+                "inconsistent with this model's preprocessing"
+            )
+
+    def node_placement(self) -> dict[str, NodePlacement]:
+        """Profile one run of each graph on this model's device and report which provider ran each node.
+
+        On CUDA, ``placement.check()`` raises if a node fell back to the CPU other than small shape
+        computations; ``placement.summary()`` is a one-line report.
+        """
+        return {role: node_placement(path, self.device, threads=self._threads) for role, path in self._paths.items()}
+
     def predict(self, image: np.ndarray | str | os.PathLike[str], boxes: Any) -> Segmentation:
         """``segment(embed(image), boxes)`` in one call."""
         return self.segment(self.embed(image), boxes)
+
+
+def _make_cache(cache: CacheArg) -> EmbeddingCache | None:
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    if cache is None or cache is False or cache == 0:
+        return None
+    if cache is True:
+        return EmbeddingCache()
+    if isinstance(cache, int) and cache > 0:
+        return EmbeddingCache(cache)
+    raise ValueError(f"cache must be True, False, a byte budget > 0 or an EmbeddingCache; got {cache!r}")
 
 
 __all__ = ["ImageEmbedding", "InvalidImageError", "MedSAM", "Segmentation"]
