@@ -1,21 +1,5 @@
-"""Small helpers shared by the export modules."""
+"""Small helpers shared by the export modules (the runtime's, so both sides agree)."""
 
-from __future__ import annotations
+from medsam_rt.util import one_line, sha256_file
 
-import hashlib
-from pathlib import Path
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, whitespace collapsed, at most ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["one_line", "sha256_file"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from .errors import InvalidBoxError, MedSAMError
 from .io import check_parent_writable
 from .manifest import PRECISIONS
 from .providers import DEVICES
+from .results import OUTPUT_SUFFIXES
 
 EXAMPLES_EXPORT = """examples:
   medsam-rt export --model litemedsam --out models/litemedsam       # LiteMedSAM, weights shipped (offline)
@@ -24,9 +26,27 @@ EXAMPLES_EXPORT = """examples:
   medsam-rt export --random-weights --arch tiny --out models/tiny   # offline plumbing/benchmark model
 """
 EXAMPLES_SEGMENT = """examples:
-  medsam-rt segment models/medsam scan.png --box 30,40,120,160 --out mask.png
-  medsam-rt segment models/medsam scan.png --box 30,40,120,160 --box 200,10,260,90 \\
+  medsam-rt segment models/litemedsam scan.png --box 30,40,120,160 --out mask.png
+  medsam-rt segment models/litemedsam scan.png --box 30,40,120,160 --box 200,10,260,90 \\
       --out labels.png --overlay figure.png --json
+  medsam-rt segment models/litemedsam ct.dcm --window soft-tissue --box 40,30,90,80 --out liver.npz
+  medsam-rt segment models/litemedsam mr.dcm --window file --box 40,30,90,80 --out mask.png
+  medsam-rt segment models/litemedsam volume.nii.gz --slices 40:60 --box 100,80,160,150 --out labels.nii.gz
+  medsam-rt segment models/litemedsam volume.nii.gz --boxes boxes.csv --out labels.nii.gz --json
+
+boxes: X0,Y0,X1,Y1 in the displayed slice's pixels (x = column, y = row, end exclusive). A --boxes file
+has one box per line, 'X0,Y0,X1,Y1' (every slice) or 'SLICE,X0,Y0,X1,Y1'; '#' starts a comment.
+NIfTI slices: along --axis (default 2 = k) the slice's rows are the higher remaining voxel axis and its
+columns the lower one (axis 2: pixel (x, y) = voxel (i=x, j=y)); no reorientation, as in MedSAM's scripts.
+windows: auto (the file's window, else soft-tissue for CT, else 0.5-99.5 percentiles for DICOM/NIfTI,
+min-max for 16-bit images), file, soft-tissue (40,400), bone (400,1800), lung (-600,1500), brain (40,80),
+percentile, minmax, or LEVEL,WIDTH.
+outputs (by extension): .png label image (0 background, k = k-th box); .npy (M,H,W) bool masks;
+.npz masks + scores + boxes + slice + label; .nii/.nii.gz uint8 label volume with the source's geometry.
+"""
+EXAMPLES_INFO = """examples:
+  medsam-rt info models/litemedsam
+  medsam-rt info models/litemedsam --json
 """
 
 
@@ -45,8 +65,50 @@ def _parse_box(text: str) -> list[float]:
     return values
 
 
+def _parse_slices(text: str) -> tuple[int, int | None]:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a = int(start) if start.strip() else 0
+        b = int(stop) if stop.strip() else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"slice range {text!r} is not A:B (B exclusive; 'A:' to the end)") from None
+    if a < 0 or (b is not None and b <= a):
+        raise argparse.ArgumentTypeError(f"slice range {text!r} is empty or negative")
+    return a, b
+
+
+def _read_box_file(path: Path) -> list[tuple[int | None, list[float]]]:
+    """Lines 'X0,Y0,X1,Y1' (every slice) or 'SLICE,X0,Y0,X1,Y1'; commas or spaces; '#' comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--boxes file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --boxes {path}: {exc}") from None
+    entries: list[tuple[int | None, list[float]]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].replace(",", " ").split()
+        if not line:
+            continue
+        try:
+            values = [float(v) for v in line]
+        except ValueError:
+            raise UsageError(f"--boxes {path}:{number}: not numbers: {' '.join(line)!r}") from None
+        if len(values) == 4:
+            entries.append((None, values))
+        elif len(values) == 5 and values[0].is_integer():
+            entries.append((int(values[0]), values[1:]))
+        else:
+            raise UsageError(f"--boxes {path}:{number}: expected X0,Y0,X1,Y1 or SLICE,X0,Y0,X1,Y1")
+    if not entries:
+        raise UsageError(f"--boxes {path} holds no box")
+    return entries
+
+
 def _check_writable(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
-    if path.suffix.lower() not in suffixes:
+    if not path.name.lower().endswith(suffixes):
         raise UsageError(f"{what} {path} must end in {' or '.join(suffixes)}")
     check_parent_writable(path, what, UsageError)
     if path.is_dir():
@@ -80,6 +142,15 @@ def _add_default_model_dir(parser: argparse.ArgumentParser) -> None:
         default=Path("models/litemedsam"),
         help="model directory (default: %(default)s; LiteMedSAM is exported there if missing)",
     )
+
+
+def _command_with_model_dir(sub, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is an exported model directory, with examples in its help."""
+    parser = sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="directory written by 'medsam-rt export'")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,33 +198,71 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
-    sg = sub.add_parser(
+    sg = _command_with_model_dir(
+        sub,
         "segment",
-        help="segment boxes on an image with an exported model",
-        description="Encode IMAGE once, decode every --box, write a label mask at the image's size.",
-        epilog=EXAMPLES_SEGMENT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "segment boxes on an image, DICOM file or NIfTI volume with an exported model",
+        "Encode each slice once, decode every box, write the masks at the image's size.",
+        EXAMPLES_SEGMENT,
     )
-    sg.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="directory written by 'medsam-rt export'")
-    sg.add_argument("image", type=Path, metavar="IMAGE", help="PNG/JPEG/TIFF image (8- or 16-bit, gray/RGB/RGBA)")
+    sg.add_argument(
+        "image",
+        type=Path,
+        metavar="IMAGE",
+        help="PNG/JPEG/TIFF (8/16-bit, gray/RGB/RGBA), DICOM (.dcm) or NIfTI (.nii, .nii.gz)",
+    )
     sg.add_argument(
         "--box",
         action="append",
         type=_parse_box,
-        required=True,
+        default=[],
         metavar="X0,Y0,X1,Y1",
-        help="box in original pixel coordinates; repeat for more boxes (mask label k = k-th box)",
+        help="box in the displayed slice's pixels; repeat for more boxes (mask label k = k-th box); "
+        "applied to every chosen slice",
+    )
+    sg.add_argument("--boxes", type=Path, metavar="FILE", help="box file: lines X0,Y0,X1,Y1 or SLICE,X0,Y0,X1,Y1")
+    where = sg.add_mutually_exclusive_group()
+    where.add_argument("--slice", type=int, metavar="K", help="volume slice (NIfTI) or DICOM frame to segment")
+    where.add_argument(
+        "--slices",
+        type=_parse_slices,
+        metavar="A:B",
+        help="slice range, B exclusive (A: to the end): one embedding per slice",
+    )
+    where.add_argument("--frame", type=int, metavar="F", help="multi-frame DICOM: the frame to segment (0-based)")
+    sg.add_argument("--axis", type=int, default=2, metavar="{0,1,2}", help="NIfTI voxel axis of the slices (default 2)")
+    sg.add_argument(
+        "--window",
+        default="auto",
+        metavar="W",
+        help="intensity window: auto, file, soft-tissue, bone, lung, brain, percentile, minmax or LEVEL,WIDTH "
+        "(default: auto)",
     )
     sg.add_argument(
         "--out",
         type=Path,
         required=True,
-        metavar="MASK.png",
-        help="8-bit label PNG: 0 background, k inside box k's mask",
+        metavar="OUT",
+        help="masks by extension: .png label image, .npy, .npz, .nii, .nii.gz (written atomically)",
     )
-    sg.add_argument("--overlay", type=Path, metavar="FIG.png", help="also write a side-by-side overlay figure")
+    sg.add_argument(
+        "--overlay",
+        type=Path,
+        metavar="FIG.png",
+        help="also write an overlay figure, window applied (a grid of slices for a range)",
+    )
     _add_runtime_args(sg, "auto", "fp16 on CUDA, int8 on CPU when exported, else fp32")
-    sg.add_argument("--json", action="store_true", help="print boxes, scores and mask areas as JSON")
+    sg.add_argument("--json", action="store_true", help="print boxes, scores, areas (mm², mm³ when known) as JSON")
+    sg.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
+
+    inf = _command_with_model_dir(
+        sub,
+        "info",
+        "describe a model directory: model, variants, gates, preprocessing",
+        "Print a model directory's manifest in a readable form (or as JSON).",
+        EXAMPLES_INFO,
+    )
+    inf.add_argument("--json", action="store_true", help="print manifest.json itself")
 
     dm = sub.add_parser(
         "demo",
@@ -207,55 +316,127 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         from medsam_rt_export import export_model
+        from medsam_rt_export.pipeline import parse_precisions
     except ImportError as exc:
         raise UsageError(
             f"'medsam-rt export' needs the export extra (pip install 'medsam-rt[export]'): {exc}"
         ) from None
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"medsam-rt export: {msg}", file=sys.stderr))
-    export_model(
-        args.out,
-        args.model,
-        opset=args.opset,
-        precisions=args.precision,
-        random_weights=args.random_weights,
-        arch=args.arch,
-        force=args.force,
-        log=log,
-    )
+    from .progress import Progress
+
+    # one log line per step: loading, 2 graph exports, optimisation, parity (2), a gate per precision, "wrote"
+    steps = 7 + sum(1 if p == "fp32" else 2 for p in parse_precisions(args.precision))
+    with Progress(steps, "export", enabled=not args.quiet) as bar:
+        if args.quiet:
+            log = lambda msg: None  # noqa: E731
+        elif bar.enabled:
+            log = lambda msg: bar.update(note=msg)  # noqa: E731
+        else:
+            log = lambda msg: print(f"medsam-rt export: {msg}", file=sys.stderr)  # noqa: E731
+        export_model(
+            args.out,
+            args.model,
+            opset=args.opset,
+            precisions=args.precision,
+            random_weights=args.random_weights,
+            arch=args.arch,
+            force=args.force,
+            log=log,
+        )
+    if bar.enabled:
+        print(f"medsam-rt export: wrote {args.out}", file=sys.stderr)
     return 0
 
 
-def _cmd_segment(args: argparse.Namespace) -> int:
-    from .io import read_image, save_png
-    from .model import MedSAM
-    from .overlay import overlay_figure
-    from .preprocess import to_rgb_uint8, validate_boxes
+def _plan_slices(args: argparse.Namespace, scan) -> dict[int, list[list[float]]]:
+    """Which slices to segment with which boxes (validated against the image before the model loads)."""
+    from .formats import InvalidSliceError
+    from .preprocess import validate_boxes
 
-    _check_writable(args.out, "--out", (".png",))
+    entries = [(None, box) for box in args.box] + (_read_box_file(args.boxes) if args.boxes else [])
+    if not entries:
+        raise UsageError("no box given: use --box X0,Y0,X1,Y1 (repeatable) or --boxes FILE")
+    n = scan.num_slices
+    if args.slice is not None:
+        chosen = scan.check_slices(range(args.slice, args.slice + 1))
+    elif args.slices is not None:
+        start, stop = args.slices
+        chosen = scan.check_slices(range(start, n if stop is None else stop))
+    elif any(s is not None for s, _ in entries) or n == 1:
+        chosen = range(n)
+    else:
+        what = "frames" if scan.kind == "dicom" else f"slices along axis {scan.axis}"
+        raise UsageError(f"{args.image.name} has {n} {what}: choose --slice K or --slices A:B")
+    plan: dict[int, list[list[float]]] = {}
+    for s, box in entries:
+        if s is None:
+            for k in chosen:
+                plan.setdefault(k, []).append(box)
+        elif s not in chosen:
+            raise InvalidSliceError(f"--boxes names slice {s}, outside the chosen slices {chosen.start}:{chosen.stop}")
+        else:
+            plan.setdefault(s, []).append(box)
+    for k, boxes in plan.items():
+        if len(boxes) > 255:
+            raise InvalidBoxError(f"slice {k} has {len(boxes)} boxes; a uint8 label image holds at most 255")
+        try:
+            validate_boxes(boxes, scan.image_size)  # fail before the (slow) encoder runs
+        except InvalidBoxError as exc:
+            raise InvalidBoxError(f"slice {k}: {exc}" if n > 1 else str(exc)) from None
+    return plan
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .formats import display_range, parse_window, read_scan, to_display
+    from .io import save_png
+    from .model import MedSAM
+    from .overlay import overlay_figure, overlay_grid
+    from .preprocess import to_rgb_uint8
+    from .progress import Progress
+    from .results import check_output, segment_scan, summary, write_result
+
+    _check_writable(args.out, "--out", OUTPUT_SUFFIXES)
     if args.overlay is not None:
         _check_writable(args.overlay, "--overlay", (".png",))
-    if len(args.box) > 255:
-        raise InvalidBoxError(f"{len(args.box)} boxes given; a uint8 label image holds at most 255")
-    image = read_image(args.image)
-    rgb = to_rgb_uint8(image)
-    validate_boxes(args.box, rgb.shape[:2])  # fail before the (slow) encoder runs
+    value_window = parse_window(args.window)
+    if args.frame is not None and args.image.name.lower().endswith((".nii", ".nii.gz")):
+        raise UsageError("--frame is for multi-frame DICOM files; use --slice K for a NIfTI volume")
+    scan = read_scan(args.image, frame=args.frame, axis=args.axis)
+    plan = _plan_slices(args, scan)
+    check_output(args.out, scan, len(plan))
+    value_range = display_range(scan, value_window)
     model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision)
-    result = model.segment(model.embed(image), args.box)
-    save_png(args.out, result.label_image())
+    with Progress(len(plan), "segmenting", enabled=not args.quiet and len(plan) > 1) as bar:
+        results = segment_scan(model, scan, plan, value_range, on_slice=lambda k: bar.update(note=f"slice {k}"))
+    write_result(args.out, scan, results)
     if args.overlay is not None:
-        save_png(args.overlay, overlay_figure(rgb, result.boxes, result.masks))
-    rows = [
-        {"box": [float(v) for v in box], "score": round(float(score), 4), "area_px": int(mask.sum())}
-        for box, score, mask in zip(result.boxes, result.scores, result.masks, strict=True)
-    ]
+        figures = [
+            overlay_figure(to_rgb_uint8(to_display(scan.values[r.index], value_range)), r.boxes, r.masks)
+            for r in results
+        ]
+        labels = [f"slice {r.index}" for r in results] if len(results) > 1 else None
+        save_png(args.overlay, figures[0] if len(figures) == 1 else overlay_grid(figures, labels))
+    info = summary(scan, results)
     if args.json:
-        print(json.dumps({"image": str(args.image), "size": list(rgb.shape[:2]), "masks": rows}, indent=2))
-    else:
-        for k, row in enumerate(rows, 1):
-            print(f"box {k} {row['box']}: score {row['score']:.3f}, area {row['area_px']} px")
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        for row in info["masks"]:
+            where = f"slice {row['slice']} " if scan.num_slices > 1 else ""
+            area = f", {row['area_mm2']} mm²" if "area_mm2" in row else ""
+            print(f"{where}box {row['label']} {row['box']}: score {row['score']:.3f}, area {row['area_px']} px{area}")
+        for label, volume in info.get("volume_mm3", {}).items():
+            print(f"label {label}: volume {volume} mm³ over {len(results)} slice(s)")
         print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else ""))
     if model.manifest.random_weights:
         print("medsam-rt: warning: this model has RANDOM WEIGHTS; its masks are meaningless", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe
+    from .manifest import load_manifest
+
+    manifest = load_manifest(args.model_dir)
+    print(json.dumps(manifest.raw, indent=2) if args.json else describe(manifest))
     return 0
 
 
@@ -264,7 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="medsam-rt: %(message)s")
     try:
-        commands = {"export": _cmd_export, "segment": _cmd_segment, "demo": _cmd_demo, "bench": _cmd_bench}
+        commands = {
+            "export": _cmd_export,
+            "segment": _cmd_segment,
+            "info": _cmd_info,
+            "demo": _cmd_demo,
+            "bench": _cmd_bench,
+        }
         return commands[args.command](args)
     except MedSAMError as exc:
         print(f"medsam-rt: error: {exc}", file=sys.stderr)
@@ -272,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medsam-rt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `medsam-rt info DIR | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,8 +58,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     A failure leaves ``path`` untouched and no temporary file behind.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = os.fspath(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    # created like any new file (0o666 less the umask), not mkstemp's private 0o600
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)

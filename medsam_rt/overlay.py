@@ -39,3 +39,24 @@ def overlay_figure(rgb: np.ndarray, boxes: np.ndarray, masks: np.ndarray, alpha:
         for dx in (0, w + gap):
             draw.rectangle([x0 + dx, y0, max(x0, x1 - 1) + dx, max(y0, y1 - 1)], outline=color, width=width)
     return np.asarray(img)
+
+
+def overlay_grid(figures: list[np.ndarray], labels: list[str] | None = None, max_width: int = 4096) -> np.ndarray:
+    """Tile per-slice figures (same size) into a near-square grid at most ``max_width`` pixels wide, each with
+    its label (e.g. ``"slice 12"``) in the corner."""
+    h, w = figures[0].shape[:2]
+    cols = int(np.ceil(np.sqrt(len(figures))))
+    rows = int(np.ceil(len(figures) / cols))
+    scale = min(1.0, max_width / (cols * w))
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    grid = Image.new("RGB", (cols * tw, rows * th), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for k, fig in enumerate(figures):
+        tile = Image.fromarray(fig)
+        if (th, tw) != (h, w):
+            tile = tile.resize((tw, th), Image.Resampling.BILINEAR)
+        x, y = (k % cols) * tw, (k // cols) * th
+        grid.paste(tile, (x, y))
+        if labels:
+            draw.text((x + 3, y + 2), labels[k], fill=(255, 255, 0))
+    return np.asarray(grid)
