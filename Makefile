@@ -10,7 +10,7 @@ TF4_TORCH_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/litemedsam
 
-.PHONY: setup demo test test-full test-tf4 lint clean
+.PHONY: setup demo test test-full test-tf4 bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# `medsam-rt bench --quick` on LiteMedSAM (PyTorch and medsam-rt rows); BENCH_MODEL=DIR for another model
+# (the optimum row needs a SamModel checkpoint, e.g. a random ViT-B export, and the transformers-4.57 env).
+BENCH_MODEL ?= $(MODEL_DIR)
+bench: setup $(TF4_VENV)/.installed
+	$(VENV)/bin/medsam-rt bench $(BENCH_MODEL) --quick --optimum-python $(TF4_VENV)/bin/python
+
 # Full-size ViT-B tier: HF-format and original-.pth exports of random ViT-B (about 8 minutes, 8 GB RAM).
 test-full: setup
 	$(PY) -m pytest -q -m full
@@ -40,11 +46,12 @@ $(TF4_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TF4_VENV)
 	$(TF4_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TF4_VENV)/bin/python -m pip install -q $(TF4_TORCH_PIN)
-	$(TF4_VENV)/bin/python -m pip install -q -e '.[export,dev]' 'transformers==4.57.6'
+	$(TF4_VENV)/bin/python -m pip install -q -e '.[export,dev]' 'transformers==4.57.6' 'optimum-onnx==0.1.0'
 	touch $@
 
 test-tf4: $(TF4_VENV)/.installed
-	$(TF4_VENV)/bin/python -m pytest -q tests/test_export.py tests/test_preprocess.py tests/test_runtime.py
+	$(TF4_VENV)/bin/python -m pytest -q tests/test_export.py tests/test_preprocess.py tests/test_runtime.py \
+		tests/test_optimum.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -14,15 +14,21 @@ import torch.nn.functional as F
 
 from medsam_rt.preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
 
-from .sources import load_source
+from .sources import Source, load_source
+
+
+def source_of(model_dir: Path) -> tuple[Source, dict[str, Any]]:
+    """The torch model a model directory was exported from (rebuilt from its manifest), and the manifest."""
+    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    info = manifest["model"]
+    random = info["kind"] == "random"
+    source = load_source("" if random else info["source"], random_weights=random, arch=info.get("arch", "vit-base"))
+    return source, manifest
 
 
 def torch_backend(model_dir: Path) -> tuple[Callable, Callable, dict]:
     """The fp32 PyTorch model behind the export, with the same preprocessing and a torch postprocessing."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    info = manifest["model"]
-    random = info["kind"] == "random"
-    source = load_source("" if random else info["source"], random_weights=random, arch=info.get("arch", "vit-base"))
+    source, manifest = source_of(model_dir)
     p = Preprocessing.from_dict(manifest["preprocessing"])
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 

@@ -60,6 +60,42 @@ def ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable,
     return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, {"graph_mib": size_mib}
 
 
+def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Callable, Callable, dict]:
+    """optimum's export of the same model (``vision_encoder.onnx`` + ``prompt_encoder_mask_decoder.onnx``) on
+    ONNX Runtime, with medsam-rt's pre/postprocessing: boxes go in as two corner points (labels 2, 3: SAM's box
+    corner embeddings), the best of its three masks per box is upscaled."""
+    from .manifest import load_manifest
+    from .postprocess import upscale_logits
+    from .preprocess import preprocess_image, scale_boxes, to_rgb_uint8
+    from .providers import create_session
+
+    p = load_manifest(model_dir).preprocessing
+    encoder = create_session(str(onnx_dir / "vision_encoder.onnx"), device)
+    decoder = create_session(str(onnx_dir / "prompt_encoder_mask_decoder.onnx"), device)
+
+    def embed(image: np.ndarray) -> Any:
+        rgb = to_rgb_uint8(image)
+        pixels, resized = preprocess_image(rgb, p)
+        emb, pos = encoder.run(["image_embeddings", "image_positional_embeddings"], {"pixel_values": pixels})
+        return emb, pos, rgb.shape[:2], resized
+
+    def segment(state: Any, boxes: np.ndarray) -> np.ndarray:
+        emb, pos, original, resized = state
+        scaled = scale_boxes(boxes, original, resized, p)
+        feeds = {
+            "image_embeddings": emb,
+            "image_positional_embeddings": pos,
+            "input_points": scaled.reshape(1, -1, 2, 2).astype(np.float32),
+            "input_labels": np.tile(np.array([2, 3], np.int64), (1, len(scaled), 1)),
+        }
+        iou, masks = decoder.run(["iou_scores", "pred_masks"], feeds)
+        best = masks[0, np.arange(len(scaled)), iou[0].argmax(axis=1)]
+        return upscale_logits(best, p, resized, original) > p.mask_threshold
+
+    size = sum((onnx_dir / f).stat().st_size for f in ("vision_encoder.onnx", "prompt_encoder_mask_decoder.onnx"))
+    return embed, segment, {"graph_mib": size / 2**20}
+
+
 def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, ...], device: str) -> dict[str, Any]:
     """Measure one backend in this (fresh) process."""
     t0 = time.perf_counter()
@@ -67,6 +103,8 @@ def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, .
         from medsam_rt_export.bench import torch_backend  # the torch side lives in the export package
 
         embed, segment, extra = torch_backend(model_dir)
+    elif backend == "optimum-fp32":
+        embed, segment, extra = optimum_backend(model_dir, optimum_dir(model_dir), device)
     else:
         embed, segment, extra = ort_backend(model_dir, backend.split("-", 1)[1], device)
     images = {s: ellipse_phantom(s, s, seed=s).image for s in IMAGE_SIZES}
@@ -131,7 +169,40 @@ def fingerprint() -> dict[str, Any]:
     }
 
 
-def plan(model_dir: Path, device: str, with_torch: bool) -> tuple[list[str], list[str]]:
+def optimum_dir(model_dir: Path) -> Path:
+    """Where optimum's export of the model behind ``model_dir`` is cached (keyed by the model checksum)."""
+    from .manifest import load_manifest
+
+    checksum = load_manifest(model_dir).raw["model"]["checksum"].split(":")[-1][:16]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medsam-rt" / "optimum" / checksum
+
+
+def _prepare_optimum(model_dir: Path, python: str | None, kind: str) -> str | None:
+    """Export the optimum baseline with ``python`` unless cached; return why it cannot run, or ``None``."""
+    if kind == "litemedsam":
+        return "optimum-fp32: optimum exports transformers SamModel checkpoints; LiteMedSAM (TinyViT) is not one"
+    target = optimum_dir(model_dir)
+    if (target / "source.txt").is_file():
+        return None
+    if python is None:
+        return (
+            "optimum-fp32: no --optimum-python given (optimum-onnx 0.1 pins transformers < 4.58; "
+            "'make bench' passes .venv-tf4/bin/python, which has it)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        [python, "-m", "medsam_rt_export.optimum_baseline", str(model_dir), str(target)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"optimum-fp32: its export failed with {python}: {last}"
+    return None
+
+
+def plan(
+    model_dir: Path, device: str, with_torch: bool, optimum_python: str | None = None
+) -> tuple[list[str], list[str]]:
     """Backends to run here, and the skipped ones with their reason."""
     import onnxruntime as ort
 
@@ -151,6 +222,11 @@ def plan(model_dir: Path, device: str, with_torch: bool) -> tuple[list[str], lis
             run.insert(0, "pytorch-fp32")
         except ImportError as exc:
             skipped.append(f"pytorch-fp32: {exc}")
+    why_not = _prepare_optimum(model_dir, optimum_python, manifest.raw["model"].get("kind", ""))
+    if why_not is None:
+        run.append("optimum-fp32")
+    else:
+        skipped.append(why_not)
     if not cuda:
         skipped.append("CUDA rows (medsam-rt fp16/fp32 on CUDA, PyTorch on CUDA): no GPU on this host")
     return run, skipped
@@ -163,12 +239,13 @@ def run_bench(
     quick: bool = False,
     with_torch: bool = True,
     device: str = "cpu",
+    optimum_python: str | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every backend in subprocesses, print the table, write JSON lines + markdown; return the rows."""
+    """Run every backend in subprocesses, print the table, write JSON lines + markdown + plot; return the rows."""
     repeats, rounds = (3, 1) if quick else (5, 2)
     box_counts = (1, 4, 16) if quick else (1, 4, 16, 64)
-    backends, skipped = plan(model_dir, device, with_torch)
+    backends, skipped = plan(model_dir, device, with_torch, optimum_python)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     for _ in range(rounds):
         for b in backends:
@@ -180,7 +257,7 @@ def run_bench(
                 b,
                 str(repeats),
                 ",".join(map(str, box_counts)),
-                device if b.startswith("ort") else "cpu",
+                device if not b.startswith("pytorch") else "cpu",
             ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -201,7 +278,7 @@ def run_bench(
                 "model": manifest["model"]["source"],
                 "random_weights": manifest["model"]["random_weights"],
                 "backend": b,
-                "device": device if b.startswith("ort") else "cpu",
+                "device": device if not b.startswith("pytorch") else "cpu",
                 "repeats": repeats,
                 "rounds": rounds,
                 "image": IMAGE_SIZES[0],
@@ -225,8 +302,47 @@ def run_bench(
     stem = f"bench-{Path(str(rows[0]['model'])).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out_dir / f"{stem}.md").write_text(table + "\n")
-    print_fn(f"wrote {out_dir / stem}.jsonl and .md")
+    why_not = write_plot(rows, out_dir / f"{stem}.png")
+    print_fn(f"wrote {out_dir / stem}.jsonl, .md" + (f" (no plot: {why_not})" if why_not else " and .png"))
     return rows
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
+    """PNG: encoder latency per backend (bars) and decoder latency per box against N (lines); needs matplotlib
+    (the ``bench`` extra). Returns why it could not plot, or ``None`` when written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install 'medsam-rt[bench]'"
+    r0 = rows[0]
+    fig, (ax_enc, ax_dec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [r["backend"] for r in rows]
+    ax_enc.bar(names, [r["encoder_ms"] for r in rows], color="#4a7ebb")
+    ax_enc.set_ylabel("encoder latency, median ms")
+    ax_enc.set_title("image encoder (once per image)")
+    ax_enc.tick_params(axis="x", rotation=20)
+    for r in rows:
+        counts = list(r["decoder_per_box_ms"])
+        ax_dec.plot(counts, [r["decoder_per_box_ms"][n] for n in counts], marker="o", label=r["backend"])
+    ax_dec.set_xscale("log", base=2)
+    ax_dec.set_xlabel("boxes per decoder call (N)")
+    ax_dec.set_ylabel("decoder latency per box, median ms")
+    ax_dec.set_title("prompt encoder + mask decoder")
+    ax_dec.legend()
+    weights = "random weights" if r0["random_weights"] else "trained weights"
+    hw = r0["hardware"]
+    fig.suptitle(
+        f"{r0['model']} ({weights}) on {hw['cpu']}, {hw['cores']} cores{', ' + hw['gpu'] if hw['gpu'] else ''}"
+    )
+    fig.tight_layout()
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return None
 
 
 def format_table(rows: list[dict[str, Any]], skipped: list[str], hw: dict[str, Any]) -> str:

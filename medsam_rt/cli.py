@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
     bn.add_argument("--device", choices=DEVICES, default="cpu", help="device for medsam-rt rows (default: cpu)")
     bn.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (default: %(default)s)")
+    bn.add_argument(
+        "--optimum-python",
+        metavar="PY",
+        help="a Python with optimum-onnx (it pins transformers < 4.58) to export the optimum baseline row "
+        "(SamModel checkpoints; cached in ~/.cache/medsam-rt/optimum)",
+    )
     return parser
 
 
@@ -309,7 +315,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .demo import ensure_model
 
     ensure_model(args.model_dir, log=lambda msg: print(f"medsam-rt bench: {msg}", file=sys.stderr))
-    run_bench(args.model_dir, args.out, quick=args.quick, with_torch=not args.no_torch, device=args.device)
+    run_bench(
+        args.model_dir,
+        args.out,
+        quick=args.quick,
+        with_torch=not args.no_torch,
+        device=args.device,
+        optimum_python=args.optimum_python,
+    )
     return 0
 
 

@@ -19,7 +19,11 @@ def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
         assert r["random_weights"] is True and r["quick"] is True
     assert rows[0]["graph_mib"] is None and rows[1]["graph_mib"] > rows[2]["graph_mib"]  # fp16 graphs are smaller
     written = sorted(p.suffix for p in tmp_path.iterdir())
-    assert written == [".jsonl", ".md"]
+    assert written == [".jsonl", ".md", ".png"]
+    from PIL import Image
+
+    plot = Image.open(next(tmp_path.glob("*.png")))
+    assert plot.format == "PNG" and plot.size[0] > 600
     jsonl = next(tmp_path.glob("*.jsonl")).read_text().splitlines()
     assert [json.loads(line)["backend"] for line in jsonl] == ["pytorch-fp32", "ort-fp32", "ort-fp16"]
     table = "\n".join(lines)
@@ -45,3 +49,22 @@ def test_table_without_torch_row():
     }
     table = format_table([row], ["pytorch-fp32: No module named 'torch'"], {"cpu": "x", "cores": 2, "gpu": None})
     assert "| ort-fp32 | 10 | – |" in table and "skipped: pytorch-fp32" in table
+
+
+def test_optimum_row_is_skipped_with_its_reason(tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    from medsam_rt.bench import _prepare_optimum
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached
+    assert "LiteMedSAM (TinyViT) is not one" in _prepare_optimum(tiny_dir, sys.executable, "litemedsam")
+    assert "no --optimum-python given" in _prepare_optimum(tiny_dir, None, "random")
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+
+        has_optimum = True
+    except ImportError:
+        has_optimum = False
+    if not has_optimum:  # this env's Python cannot export it: the reason names the failure
+        reason = _prepare_optimum(tiny_dir, sys.executable, "random")
+        assert "export failed" in reason and "optimum-onnx is not installed" in reason
