@@ -97,6 +97,7 @@ if [ -z "$include" ]; then
         die "apt-get download libonnxruntime-dev failed; see $apt/download.log"
       deb=$(ls "$cache"/libonnxruntime-dev_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
       [ -n "$deb" ] || die "apt-get download left no libonnxruntime-dev_*.deb in $cache"
+      rm -rf "$apt/lists" "$apt/cache"  # the package lists (~20 MB) served their purpose: the .deb is kept
     fi
     rm -rf "$deps/libonnxruntime-dev"
     dpkg -x "$deb" "$deps/libonnxruntime-dev"

@@ -314,6 +314,72 @@ void check_graph(Ort::Session& s, const ModelDir& md, const Graph& g, const std:
   }
 }
 
+// Both graphs on one ONNX Runtime environment: embed once per image, decode any number of boxes per call.
+class Model {
+ public:
+  Model(const ModelDir& md, bool cuda, int threads)
+      : env_(ORT_LOGGING_LEVEL_ERROR, "medsam_rt_cpp"),
+        encoder_(env_, md.encoder.path.c_str(), options(cuda, threads)),
+        decoder_(env_, md.decoder.path.c_str(), options(cuda, threads)) {
+    check_graph(encoder_, md, md.encoder, {"pixel_values"}, {"image_embeddings"});
+    check_graph(decoder_, md, md.decoder, {"image_embeddings", "boxes"}, {"low_res_logits", "iou_scores"});
+    const std::vector<int64_t> shape = encoder_.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() != 4 || shape[2] != md.recipe.pad.h || shape[3] != md.recipe.pad.w) {
+      throw std::runtime_error(md.encoder.file + " expects a different input size than the recipe's pad_size [" +
+                               std::to_string(md.recipe.pad.h) + ", " + std::to_string(md.recipe.pad.w) + "]");
+    }
+  }
+
+  // pixel_values float32 [1, 3, pad_h, pad_w] -> image_embeddings [1, C, 64, 64]
+  Ort::Value embed(std::vector<float>& pixel_values, Size pad) {
+    const std::array<int64_t, 4> shape{1, 3, pad.h, pad.w};
+    Ort::Value input = Ort::Value::CreateTensor<float>(cpu_, pixel_values.data(), pixel_values.size(), shape.data(), 4);
+    const char* in[] = {"pixel_values"};
+    const char* out[] = {"image_embeddings"};
+    return std::move(encoder_.Run(Ort::RunOptions{nullptr}, in, &input, 1, out, 1)[0]);
+  }
+
+  // embedding + boxes float32 [N, 4] (encoder frame) -> {low_res_logits [N, 1, 256, 256], iou_scores [N, 1]}.
+  // The embedding is only read: decode the same image again with other boxes without re-encoding it.
+  std::vector<Ort::Value> decode(Ort::Value& embedding, std::vector<float>& boxes) {
+    const Ort::TensorTypeAndShapeInfo info = embedding.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> emb_shape = info.GetShape();
+    const std::array<int64_t, 2> box_shape{static_cast<int64_t>(boxes.size() / 4), 4};
+    Ort::Value inputs[] = {  // views of the caller's buffers, no copies
+        Ort::Value::CreateTensor<float>(cpu_, embedding.GetTensorMutableData<float>(), info.GetElementCount(),
+                                        emb_shape.data(), emb_shape.size()),
+        Ort::Value::CreateTensor<float>(cpu_, boxes.data(), boxes.size(), box_shape.data(), 2)};
+    const char* in[] = {"image_embeddings", "boxes"};
+    const char* out[] = {"low_res_logits", "iou_scores"};
+    return decoder_.Run(Ort::RunOptions{nullptr}, in, inputs, 2, out, 2);
+  }
+
+ private:
+  static Ort::SessionOptions options(bool cuda, int threads) {
+    Ort::SessionOptions so;
+    so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    if (threads > 0) so.SetIntraOpNumThreads(threads);
+    if (!cuda) return so;
+    const std::vector<std::string> providers = Ort::GetAvailableProviders();
+    if (std::find(providers.begin(), providers.end(), "CUDAExecutionProvider") == providers.end()) {
+      throw std::runtime_error("--cuda: the ONNX Runtime this program is linked against (" + runtime_library() +
+                               ") has no CUDAExecutionProvider; available: " + join(providers) +
+                               ". Build against onnxruntime-gpu's library (PYTHON=<python with onnxruntime-gpu> "
+                               "examples/cpp/build.sh BUILD_DIR)");
+    }
+    OrtCUDAProviderOptionsV2* cuda_options = nullptr;
+    Ort::ThrowOnError(Ort::GetApi().CreateCUDAProviderOptions(&cuda_options));
+    std::unique_ptr<OrtCUDAProviderOptionsV2, void (*)(OrtCUDAProviderOptionsV2*)> guard(
+        cuda_options, [](OrtCUDAProviderOptionsV2* p) { Ort::GetApi().ReleaseCUDAProviderOptions(p); });
+    so.AppendExecutionProvider_CUDA_V2(*cuda_options);
+    return so;
+  }
+
+  Ort::Env env_;  // outlives the sessions (declared first)
+  Ort::Session encoder_, decoder_;
+  Ort::MemoryInfo cpu_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+};
+
 struct Timer {
   std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
   double ms() const { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); }
@@ -329,6 +395,8 @@ int run(const Options& o) {
   if (!is_dir(parent_dir(o.out)) || ::access(parent_dir(o.out).c_str(), W_OK) != 0) {
     throw std::runtime_error("output " + o.out + ": directory " + parent_dir(o.out) + " does not exist or is not writable");
   }
+  const size_t n = o.boxes.size() / 4;
+  if (n > 255) throw std::runtime_error("a uint8 label image holds at most 255 boxes, got " + std::to_string(n));
   Timer load;  // manifest, sha256 of both graphs, sessions, metadata checks
   const ModelDir md = load_model_dir(o.model_dir, o.precision, o.cuda);
   const medsam::RgbImage image = medsam::read_pnm(o.image);
@@ -336,40 +404,9 @@ int run(const Options& o) {
   if (md.random_weights) {
     std::cerr << "medsam_rt_cpp: warning: " << md.dir << " has RANDOM WEIGHTS (tests only); its masks are meaningless\n";
   }
-  const size_t n = o.boxes.size() / 4;
-  if (n > 255) throw std::runtime_error("a uint8 label image holds at most 255 boxes, got " + std::to_string(n));
-
-  Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "medsam_rt_cpp");
-  Ort::SessionOptions so;
-  so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-  if (o.threads > 0) so.SetIntraOpNumThreads(o.threads);
-  if (o.cuda) {
-    const std::vector<std::string> providers = Ort::GetAvailableProviders();
-    if (std::find(providers.begin(), providers.end(), "CUDAExecutionProvider") == providers.end()) {
-      throw std::runtime_error("--cuda: the ONNX Runtime this program is linked against (" + runtime_library() +
-                               ") has no CUDAExecutionProvider; available: " + join(providers) +
-                               ". Build against onnxruntime-gpu's library (PYTHON=<python with onnxruntime-gpu> "
-                               "examples/cpp/build.sh BUILD_DIR)");
-    }
-    const OrtApi& api = Ort::GetApi();
-    OrtCUDAProviderOptionsV2* cuda = nullptr;
-    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
-    std::unique_ptr<OrtCUDAProviderOptionsV2, void (*)(OrtCUDAProviderOptionsV2*)> guard(
-        cuda, [](OrtCUDAProviderOptionsV2* p) { Ort::GetApi().ReleaseCUDAProviderOptions(p); });
-    so.AppendExecutionProvider_CUDA_V2(*cuda);
-  }
-  Ort::Session encoder(env, md.encoder.path.c_str(), so);
-  Ort::Session decoder(env, md.decoder.path.c_str(), so);
-  check_graph(encoder, md, md.encoder, {"pixel_values"}, {"image_embeddings"});
-  check_graph(decoder, md, md.decoder, {"image_embeddings", "boxes"}, {"low_res_logits", "iou_scores"});
-  const std::vector<int64_t> enc_shape = encoder.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
-  if (enc_shape.size() != 4 || enc_shape[2] != md.recipe.pad.h || enc_shape[3] != md.recipe.pad.w) {
-    throw std::runtime_error(md.encoder.file + " expects a different input size than the recipe's pad_size [" +
-                             std::to_string(md.recipe.pad.h) + ", " + std::to_string(md.recipe.pad.w) + "]");
-  }
+  Model model(md, o.cuda, o.threads);
   const double load_ms = load.ms();
 
-  // preprocess + encoder, once per image
   Timer pre;
   Size resized;
   std::vector<float> pixels = medsam::encoder_input(image, md.recipe, &resized);
@@ -379,65 +416,30 @@ int run(const Options& o) {
     dump.write(reinterpret_cast<const char*>(pixels.data()), static_cast<std::streamsize>(pixels.size() * 4));
     if (!dump) throw std::runtime_error("cannot write " + o.dump_input);
   }
-  const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  const std::array<int64_t, 4> pixel_shape{1, 3, md.recipe.pad.h, md.recipe.pad.w};
-  Ort::Value pixel_values =
-      Ort::Value::CreateTensor<float>(cpu, pixels.data(), pixels.size(), pixel_shape.data(), pixel_shape.size());
-  const char* enc_in[] = {"pixel_values"};
-  const char* enc_out[] = {"image_embeddings"};
   Timer enc;
-  std::vector<Ort::Value> embedding = encoder.Run(Ort::RunOptions{nullptr}, enc_in, &pixel_values, 1, enc_out, 1);
+  Ort::Value embedding = model.embed(pixels, md.recipe.pad);  // once per image
   const double enc_ms = enc.ms();
 
-  // decoder, all boxes in one call
-  std::vector<float> boxes = medsam::scale_boxes(o.boxes, image.size, resized, md.recipe);
-  const std::array<int64_t, 2> box_shape{static_cast<int64_t>(n), 4};
-  Ort::Value dec_inputs[] = {std::move(embedding[0]),
-                             Ort::Value::CreateTensor<float>(cpu, boxes.data(), boxes.size(), box_shape.data(), 2)};
-  const char* dec_in[] = {"image_embeddings", "boxes"};
-  const char* dec_out[] = {"low_res_logits", "iou_scores"};
   Timer dec;
-  std::vector<Ort::Value> outs = decoder.Run(Ort::RunOptions{nullptr}, dec_in, dec_inputs, 2, dec_out, 2);
+  std::vector<float> boxes = medsam::scale_boxes(o.boxes, image.size, resized, md.recipe);
+  std::vector<Ort::Value> outs = model.decode(embedding, boxes);  // all boxes in one call
   const double dec_ms = dec.ms();
-  const std::vector<int64_t> lshape = outs[0].GetTensorTypeAndShapeInfo().GetShape();  // [N, 1, lh, lw]
-  if (lshape.size() != 4 || lshape[0] != static_cast<int64_t>(n) || lshape[1] != 1) {
+  const std::vector<int64_t> shape = outs[0].GetTensorTypeAndShapeInfo().GetShape();  // [N, 1, lh, lw]
+  if (shape.size() != 4 || shape[0] != static_cast<int64_t>(n) || shape[1] != 1) {
     throw std::runtime_error("the decoder returned low_res_logits of an unexpected shape");
   }
-  const int lh = static_cast<int>(lshape[2]), lw = static_cast<int>(lshape[3]);
-  const float* logits = outs[0].GetTensorData<float>();
-  const float* scores = outs[1].GetTensorData<float>();
 
-  // postprocess to the original size: mask (one box) or labels (several)
   Timer post;
-  const Size orig = image.size;
-  const medsam::AxisWeights rows = medsam::axis_weights(md.recipe.postprocess, lh, md.recipe.pad.h, resized.h, orig.h);
-  const medsam::AxisWeights cols = medsam::axis_weights(md.recipe.postprocess, lw, md.recipe.pad.w, resized.w, orig.w);
-  const float threshold = static_cast<float>(md.recipe.mask_threshold);
-  std::vector<std::uint8_t> result(static_cast<size_t>(orig.h) * orig.w, 0);
-  std::vector<float> best(n > 1 ? result.size() : 0, -1.0f);
-  std::vector<float> tmp, full;
-  for (size_t k = 0; k < n; ++k) {
-    medsam::upscale_logits(logits + k * static_cast<size_t>(lh) * lw, lw, rows, cols, tmp, full);
-    for (size_t i = 0; i < full.size(); ++i) {
-      if (!(full[i] > threshold)) continue;
-      if (n == 1) {
-        result[i] = 255;
-        continue;
-      }
-      const float prob = 1.0f / (1.0f + std::exp(-full[i]));  // overlaps: the most probable box, first on ties
-      if (prob > best[i]) {
-        best[i] = prob;
-        result[i] = static_cast<std::uint8_t>(k + 1);
-      }
-    }
-  }
+  const std::vector<std::uint8_t> result = medsam::mask_image(outs[0].GetTensorData<float>(), n, static_cast<int>(shape[2]),
+                                                              static_cast<int>(shape[3]), md.recipe, resized, image.size);
   const double post_ms = post.ms();
-  medsam::write_pgm(o.out, orig, result);
+  medsam::write_pgm(o.out, image.size, result);
 
   std::printf("%s: %dx%d, %zu box%s, %s on %s: load %.0f ms, preprocess %.1f ms, encoder %.1f ms, decoder %.1f ms, "
               "postprocess %.1f ms; IoU estimates",
-              o.image.c_str(), orig.w, orig.h, n, n == 1 ? "" : "es", md.precision.c_str(), o.cuda ? "CUDA" : "CPU",
-              load_ms, pre_ms, enc_ms, dec_ms, post_ms);
+              o.image.c_str(), image.size.w, image.size.h, n, n == 1 ? "" : "es", md.precision.c_str(),
+              o.cuda ? "CUDA" : "CPU", load_ms, pre_ms, enc_ms, dec_ms, post_ms);
+  const float* scores = outs[1].GetTensorData<float>();
   for (size_t k = 0; k < n; ++k) std::printf(" %.4f", scores[k]);
   std::printf("; wrote %s\n", o.out.c_str());
   return 0;

@@ -516,4 +516,30 @@ void upscale_logits(const float* low, int lw, const AxisWeights& rows, const Axi
   }
 }
 
+std::vector<std::uint8_t> mask_image(const float* logits, size_t n, int lh, int lw, const Recipe& r, Size resized,
+                                     Size orig) {
+  const AxisWeights rows = axis_weights(r.postprocess, lh, r.pad.h, resized.h, orig.h);
+  const AxisWeights cols = axis_weights(r.postprocess, lw, r.pad.w, resized.w, orig.w);
+  const float threshold = static_cast<float>(r.mask_threshold);
+  std::vector<std::uint8_t> out(static_cast<size_t>(orig.h) * orig.w, 0);
+  std::vector<float> best(n > 1 ? out.size() : 0, -1.0f);
+  std::vector<float> tmp, full;
+  for (size_t k = 0; k < n; ++k) {
+    upscale_logits(logits + k * static_cast<size_t>(lh) * lw, lw, rows, cols, tmp, full);
+    for (size_t i = 0; i < full.size(); ++i) {
+      if (!(full[i] > threshold)) continue;
+      if (n == 1) {
+        out[i] = 255;
+        continue;
+      }
+      const float prob = 1.0f / (1.0f + std::exp(-full[i]));  // sigmoid, float32 as in medsam_rt
+      if (prob > best[i]) {
+        best[i] = prob;
+        out[i] = static_cast<std::uint8_t>(k + 1);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace medsam

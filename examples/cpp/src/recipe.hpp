@@ -68,4 +68,9 @@ AxisWeights axis_weights(const std::string& mode, int low_res, int padded, int r
 void upscale_logits(const float* low_res, int lw, const AxisWeights& rows, const AxisWeights& cols,
                     std::vector<float>& scratch, std::vector<float>& out);
 
+// The output image (H, W) from N boxes' low-res logits (N, 1, lh, lw): one box: 255 where its mask is set; several:
+// label k (1-based) where box k's mask is set with the highest probability (the first box on ties), 0 elsewhere.
+std::vector<std::uint8_t> mask_image(const float* low_res_logits, size_t n, int lh, int lw, const Recipe& recipe,
+                                     Size resized, Size original);
+
 }  // namespace medsam
