@@ -26,22 +26,37 @@ def source_of(model_dir: Path) -> tuple[Source, dict[str, Any]]:
     return source, manifest
 
 
-def torch_backend(model_dir: Path) -> tuple[Callable, Callable, dict]:
-    """The fp32 PyTorch model behind the export, with the same preprocessing and a torch postprocessing."""
+def torch_backend(model_dir: Path, device: str = "cpu", dtype: str = "fp32") -> tuple[Callable, Callable, dict]:
+    """The PyTorch model behind the export (eager, as the seed runs it) with the same preprocessing and a torch
+    postprocessing; on CUDA in fp32 or fp16, synchronised so that timings are whole."""
     source, manifest = source_of(model_dir)
     p = Preprocessing.from_dict(manifest["preprocessing"])
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    dev = torch.device(device)
+    float_type = torch.float16 if dtype == "fp16" else torch.float32
+    if device != "cpu" or dtype != "fp32":
+        source.model.to(dev, float_type)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     @torch.no_grad()
     def embed(image: np.ndarray) -> Any:
         pixels, resized = preprocess_image(to_rgb_uint8(image), p)
-        return source.reference.encode(torch.from_numpy(pixels)), image.shape[:2], resized
+        emb = source.reference.encode(torch.from_numpy(pixels).to(dev, float_type))
+        sync()
+        return emb, image.shape[:2], resized
 
     @torch.no_grad()
     def segment(emb: Any, boxes: np.ndarray) -> Any:
         embedding, original, resized = emb
-        logits, _ = source.reference.decode(embedding, torch.from_numpy(scale_boxes(boxes, original, resized, p)))
-        logits = F.interpolate(logits, size=tuple(original), mode="bilinear", align_corners=False)
-        return (logits > 0).numpy()
+        scaled = torch.from_numpy(scale_boxes(boxes, original, resized, p)).to(dev, float_type)
+        logits, _ = source.reference.decode(embedding, scaled)
+        logits = F.interpolate(logits.float(), size=tuple(original), mode="bilinear", align_corners=False)
+        return (logits > 0).cpu().numpy()
 
-    return embed, segment, {"graph_mib": None}
+    extra: dict[str, Any] = {"graph_mib": None}
+    if dev.type == "cuda":
+        extra["gpu_peak"] = lambda: torch.cuda.max_memory_allocated() / 2**20
+    return embed, segment, extra

@@ -99,14 +99,16 @@ def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Calla
 def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, ...], device: str) -> dict[str, Any]:
     """Measure one backend in this (fresh) process."""
     t0 = time.perf_counter()
-    if backend == "pytorch-fp32":
+    if backend.startswith("pytorch"):
         from medsam_rt_export.bench import torch_backend  # the torch side lives in the export package
 
-        embed, segment, extra = torch_backend(model_dir)
+        # pytorch-fp32 (CPU), pytorch-cuda-fp32, pytorch-cuda-fp16
+        embed, segment, extra = torch_backend(model_dir, "cuda" if "cuda" in backend else "cpu", backend[-4:])
     elif backend == "optimum-fp32":
         embed, segment, extra = optimum_backend(model_dir, optimum_dir(model_dir), device)
     else:
         embed, segment, extra = ort_backend(model_dir, backend.split("-", 1)[1], device)
+    gpu_peak = extra.pop("gpu_peak", None) or (_process_gpu_mib if device == "cuda" else None)
     images = {s: ellipse_phantom(s, s, seed=s).image for s in IMAGE_SIZES}
     emb = embed(images[IMAGE_SIZES[0]])
     cold = time.perf_counter() - t0
@@ -126,8 +128,27 @@ def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, .
         "decoder": decoder,
         "interactive_loop": loop,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": gpu_peak() if gpu_peak else None,
         **extra,
     }
+
+
+def _process_gpu_mib() -> float | None:
+    """GPU memory this process holds now (nvidia-smi), for ONNX Runtime's CUDA rows; ``None`` if unknown."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(mib)
+    return None
 
 
 def fingerprint() -> dict[str, Any]:
@@ -217,9 +238,15 @@ def plan(
         run.append(f"ort-{p}")
     if with_torch:
         try:
+            import torch
+
             import medsam_rt_export.bench  # noqa: F401  (needs torch and the export extra)
 
             run.insert(0, "pytorch-fp32")
+            if device == "cuda" and torch.cuda.is_available():
+                run[1:1] = ["pytorch-cuda-fp32", "pytorch-cuda-fp16"]
+            elif device == "cuda":
+                skipped.append("pytorch on CUDA: torch.cuda.is_available() is False")
         except ImportError as exc:
             skipped.append(f"pytorch-fp32: {exc}")
     why_not = _prepare_optimum(model_dir, optimum_python, manifest.raw["model"].get("kind", ""))
@@ -230,6 +257,12 @@ def plan(
     if not cuda:
         skipped.append("CUDA rows (medsam-rt fp16/fp32 on CUDA, PyTorch on CUDA): no GPU on this host")
     return run, skipped
+
+
+def _row_device(backend: str, device: str) -> str:
+    if backend.startswith("pytorch"):
+        return "cuda" if "cuda" in backend else "cpu"
+    return device
 
 
 def run_bench(
@@ -257,7 +290,7 @@ def run_bench(
                 b,
                 str(repeats),
                 ",".join(map(str, box_counts)),
-                device if not b.startswith("pytorch") else "cpu",
+                _row_device(b, device),
             ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -278,7 +311,7 @@ def run_bench(
                 "model": manifest["model"]["source"],
                 "random_weights": manifest["model"]["random_weights"],
                 "backend": b,
-                "device": device if not b.startswith("pytorch") else "cpu",
+                "device": _row_device(b, device),
                 "repeats": repeats,
                 "rounds": rounds,
                 "image": IMAGE_SIZES[0],
@@ -291,6 +324,7 @@ def run_bench(
                 },
                 "cold_start_s": med(lambda r: r["cold_start_s"]),
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+                "peak_gpu_mib": max((r["peak_gpu_mib"] for r in rs if r.get("peak_gpu_mib")), default=None),
                 "graph_mib": rs[0]["graph_mib"],
                 "hardware": hw,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -346,7 +380,9 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
 
 
 def format_table(rows: list[dict[str, Any]], skipped: list[str], hw: dict[str, Any]) -> str:
-    torch_row = next((r for r in rows if r["backend"] == "pytorch-fp32"), None)
+    """Markdown: one row per backend; "vs PyTorch" divides by PyTorch fp32 eager on the row's device."""
+    baseline = {r.get("device", "cpu"): r for r in rows if r["backend"] in ("pytorch-fp32", "pytorch-cuda-fp32")}
+    gpu = any(r.get("peak_gpu_mib") for r in rows)
     counts = list(rows[0]["decoder_ms"])
     r0 = rows[0]
     head = (
@@ -356,21 +392,25 @@ def format_table(rows: list[dict[str, Any]], skipped: list[str], hw: dict[str, A
     lines = [
         head,
         "",
-        "| backend | encoder ms | vs PyTorch | "
+        "| backend | device | encoder ms | vs PyTorch | "
         + " | ".join(f"decoder ms/box N={n}" for n in counts)
         + " | "
         + " | ".join(f"box→mask {s}² ms" for s in IMAGE_SIZES)
-        + " | cold start s | peak RSS MiB | MiB |",
-        "|" + "---|" * (6 + len(counts) + len(IMAGE_SIZES)),
+        + " | cold start s | peak RSS MiB | "
+        + ("peak GPU MiB | " if gpu else "")
+        + "MiB |",
+        "|" + "---|" * (7 + len(counts) + len(IMAGE_SIZES) + gpu),
     ]
     for r in rows:
-        ratio = f"{r['encoder_ms'] / torch_row['encoder_ms']:.2f}×" if torch_row else "–"
+        base = baseline.get(r.get("device", "cpu"))
+        ratio = f"{r['encoder_ms'] / base['encoder_ms']:.2f}×" if base else "–"
+        gpu_cell = (f"{r['peak_gpu_mib']:.0f} | " if r.get("peak_gpu_mib") else "– | ") if gpu else ""
         lines.append(
-            f"| {r['backend']} | {r['encoder_ms']:.0f} | {ratio} | "
+            f"| {r['backend']} | {r.get('device', 'cpu')} | {r['encoder_ms']:.0f} | {ratio} | "
             + " | ".join(f"{r['decoder_per_box_ms'][n]:.1f}" for n in counts)
             + " | "
             + " | ".join(f"{r['interactive_ms'][s]:.1f}" for s in IMAGE_SIZES)
-            + f" | {r['cold_start_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            + f" | {r['cold_start_s']:.2f} | {r['peak_rss_mib']:.0f} | {gpu_cell}"
             + ("–" if r["graph_mib"] is None else f"{r['graph_mib']:.0f}")
             + " |"
         )

@@ -48,7 +48,15 @@ def test_table_without_torch_row():
         "graph_mib": 1.0,
     }
     table = format_table([row], ["pytorch-fp32: No module named 'torch'"], {"cpu": "x", "cores": 2, "gpu": None})
-    assert "| ort-fp32 | 10 | – |" in table and "skipped: pytorch-fp32" in table
+    assert "| ort-fp32 | cpu | 10 | – |" in table and "skipped: pytorch-fp32" in table
+    gpu_rows = [
+        {**row, "backend": "pytorch-cuda-fp32", "device": "cuda", "encoder_ms": 40.0, "peak_gpu_mib": 900.0},
+        {**row, "device": "cuda", "encoder_ms": 10.0, "peak_gpu_mib": 500.0},
+    ]
+    table = format_table(gpu_rows, [], {"cpu": "x", "cores": 16, "gpu": "NVIDIA H100, 580.1"})
+    assert "| ort-fp32 | cuda | 10 | 0.25× |" in table and "peak GPU MiB" in table and "| 500 |" in table
+    header, sep = table.splitlines()[2:4]
+    assert header.count("|") == sep.count("|")
 
 
 def test_optimum_row_is_skipped_with_its_reason(tiny_dir, tmp_path, monkeypatch):
