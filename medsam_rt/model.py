@@ -25,11 +25,11 @@ CacheArg = bool | int | EmbeddingCache | None
 class ImageEmbedding:
     """The encoder's output for one image, plus what ``segment`` needs to map boxes and masks.
 
-    Embeddings may be shared (the model's embedding cache hands the same object to every caller that embeds the
-    same pixels), so the array is read-only.
+    With the model's embedding cache on, the same object goes to every caller that embeds the same pixels, and
+    its array is read-only.
 
     Attributes:
-        embeddings: float32 ``(1, C, 64, 64)`` image embedding (read-only).
+        embeddings: float32 ``(1, C, 64, 64)`` image embedding.
         original_size: ``(H, W)`` of the image as given.
         resized_size: ``(h, w)`` of the resized image inside the encoder's padded input.
         model_id: identity of the model that made it (``segment`` refuses others).
@@ -94,7 +94,7 @@ class MedSAM:
         model_id: str,
         threads: int | None = None,
         manifest: Manifest | None = None,
-        cache: CacheArg = True,
+        cache: CacheArg = False,
     ) -> None:
         """A model from two graph files and a recipe. Most callers want :meth:`load` (a model directory);
         the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``)."""
@@ -124,7 +124,7 @@ class MedSAM:
         threads: int | None = None,
         *,
         verify: bool = False,
-        cache: CacheArg = True,
+        cache: CacheArg = False,
     ) -> MedSAM:
         """Load an exported model directory, checking it against its manifest.
 
@@ -142,9 +142,10 @@ class MedSAM:
             threads: intra-op threads; default: the physical cores.
             verify: hash every loaded graph regardless of earlier verifications; on CUDA, also profile one run
                 of each graph and fail if a node fell back to the CPU (:meth:`node_placement`).
-            cache: embedding cache: ``True`` (default budget, :func:`medsam_rt.cache.default_max_bytes`),
-                ``False`` or 0 (none), a budget in bytes, or an :class:`~medsam_rt.cache.EmbeddingCache` to
-                share between models (keys include the model and its preprocessing).
+            cache: embedding cache for :meth:`embed`: ``False`` (default: every call encodes, as benchmarks and
+                one-shot use want), ``True`` (a cache of :func:`medsam_rt.cache.default_max_bytes`, 256 MiB or
+                1/32 of the RAM), a budget in bytes, or an :class:`~medsam_rt.cache.EmbeddingCache` to share
+                between models (keys include the model, precision and preprocessing).
 
         Raises:
             ModelDirError: not a valid model directory, the precision was not exported, or a graph file is
@@ -199,13 +200,14 @@ class MedSAM:
         if self.cache is None or not isinstance(image, np.ndarray) or image.dtype.kind not in "biuf":
             return self._embed(image)  # (unsupported arrays raise there)
         key = f"{image_digest(image)}:{self._cache_key}"
-        return self.cache.get_or_compute(key, lambda: self._embed(image))
+        return self.cache.get_or_compute(key, lambda: self._embed(image, shared=True))
 
-    def _embed(self, image: np.ndarray) -> ImageEmbedding:
+    def _embed(self, image: np.ndarray, shared: bool = False) -> ImageEmbedding:
         rgb = to_rgb_uint8(image)
         pixel_values, resized = preprocess_image(rgb, self.preprocessing)
         (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
-        emb.setflags(write=False)
+        if shared:  # cached: every caller gets this object
+            emb.setflags(write=False)
         return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
 
     def segment(self, embedding: ImageEmbedding, boxes: Any) -> Segmentation:

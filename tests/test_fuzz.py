@@ -483,7 +483,49 @@ def test_fuzz_image_files_short(tmp_path):
     check_fuzz(fuzz_files(mutants(seeds, tmp_path / "mutants", 400)))
 
 
+def _tiff_with_rows(rows: int) -> bytes:
+    """A 61x83 uint16 TIFF (one strip) whose ImageLength tag says ``rows``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(61 * 83, dtype=np.uint16).reshape(61, 83)).save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 257:  # ImageLength, a LONG
+            struct.pack_into("<HHII", data, at, 257, 4, 1, rows)
+    return bytes(data)
+
+
+@pytest.mark.xfail(strict=True, reason="io.read_image accepts it: Pillow zero-fills the rows the data lacks (reported)")
+def test_tiff_header_claiming_rows_its_data_lacks(tmp_path):
+    """Found by the long fuzz: one flipped bit in a 10 KB TIFF's ImageLength (61 -> 1048637) made read_image
+    return a 1048637x83 mostly-zero image and to_rgb_uint8 peak at 2.2 GB."""
+    from medsam_rt.io import read_image
+
+    (tmp_path / "lying.tif").write_bytes(_tiff_with_rows(1048637))
+    with pytest.raises(InvalidImageError):
+        read_image(tmp_path / "lying.tif")
+
+
+@pytest.mark.xfail(strict=True, reason="formats._read_dicom lets pydicom's ValueError through (reported)")
+def test_dicom_with_a_malformed_number(tmp_path, medical_seeds):
+    """Found by the long fuzz: a DS (decimal string) value that is not a number, here RescaleSlope."""
+    from medsam_rt.formats import read_scan
+
+    data = bytearray(next(p for p in medical_seeds if p.name == "CT_small.dcm").read_bytes())
+    at = data.find(b"\x28\x00\x53\x10DS\x02\x00")  # (0028,1053) RescaleSlope, DS, 2 bytes: "1 "
+    data[at + 8 : at + 10] = b"1\x7f"
+    (tmp_path / "bad_slope.dcm").write_bytes(bytes(data))
+    with pytest.raises(InvalidImageError):
+        read_scan(tmp_path / "bad_slope.dcm")
+
+
 @pytest.mark.soak
+@pytest.mark.xfail(strict=True, reason="memory blow-up of test_tiff_header_claiming_rows_its_data_lacks (reported)")
 def test_fuzz_image_files_long(tmp_path, soak):  # noqa: F811
     seeds = image_seeds(tmp_path / "seeds")
     check_fuzz(fuzz_files(mutants(seeds, tmp_path / "mutants", 6000, seed=1), timeout=1800))
@@ -533,6 +575,7 @@ def test_fuzz_dicom_nifti_files_short(tmp_path, medical_seeds):
 
 
 @pytest.mark.soak
+@pytest.mark.xfail(strict=True, reason="untyped pydicom errors, see test_dicom_with_a_malformed_number (reported)")
 def test_fuzz_dicom_nifti_files_long(tmp_path, medical_seeds, soak):  # noqa: F811
     check_fuzz(fuzz_files(mutants(medical_seeds, tmp_path / "mutants", 5000, seed=1), SCAN_READER, timeout=1800))
 
