@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +50,45 @@ class Segmentation:
     Attributes:
         boxes: float64 ``(N, 4)`` x0, y0, x1, y1 in original pixels, as given.
         masks: bool ``(N, H, W)``: probability > 0.5.
-        probs: float32 ``(N, H, W)``: sigmoid of the upscaled logits.
         scores: float32 ``(N,)``: the decoder's IoU estimate per box.
         low_res_logits: float32 ``(N, 256, 256)``: raw decoder output in the encoder frame.
+        upscale: maps low-res logits ``(n, 256, 256)`` to logits at the original resolution ``(n, H, W)``.
+        probs: float32 ``(N, H, W)``: sigmoid of the upscaled logits, computed on first access (it costs
+            4 bytes per pixel per box, so ``segment`` does not build it for callers who want masks only).
     """
 
     boxes: np.ndarray
     masks: np.ndarray
-    probs: np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
+    upscale: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+
+    @functools.cached_property
+    def probs(self) -> np.ndarray:
+        return sigmoid(self.upscale(self.low_res_logits))
 
     def label_image(self) -> np.ndarray:
-        """uint8 ``(H, W)``: 0 background, ``k`` (1-based) for box ``k``; overlaps go to the most probable box."""
-        if self.masks.shape[0] > 255:
-            raise ValueError(f"a uint8 label image holds at most 255 boxes, got {self.masks.shape[0]}")
+        """uint8 ``(H, W)``: 0 background, ``k`` (1-based) for box ``k``; overlaps go to the most probable box
+        (the first on ties). Holds one box's logits at a time unless ``probs`` was already computed."""
+        n = self.masks.shape[0]
+        if n > 255:
+            raise ValueError(f"a uint8 label image holds at most 255 boxes, got {n}")
         labels = np.zeros(self.masks.shape[1:], np.uint8)
-        if self.masks.shape[0]:
-            best = np.argmax(np.where(self.masks, self.probs, -1.0), axis=0)
-            labels[self.masks.any(axis=0)] = (best + 1)[self.masks.any(axis=0)]
+        if n == 1:
+            labels[self.masks[0]] = 1
+        elif n > 1:
+            computed = self.__dict__.get("probs")
+            best = np.full(labels.shape, -np.inf, np.float32)
+            for k in range(n):
+                score = computed[k] if computed is not None else self.upscale(self.low_res_logits[k : k + 1])[0]
+                win = self.masks[k] & (score > best)  # sigmoid is monotonic: logits rank like probabilities
+                labels[win] = k + 1
+                best[win] = score[win]
         return labels
+
+
+#: Upscaled logits are built at most this many bytes at a time (a 10000x10000 image: one box per chunk).
+_UPSCALE_CHUNK_BYTES = 64 * 2**20
 
 
 class MedSAM:
@@ -229,13 +250,19 @@ class MedSAM:
             ["low_res_logits", "iou_scores"], {"image_embeddings": embedding.embeddings, "boxes": scaled}
         )
         low_res = logits[:, 0]
-        full = upscale_logits(low_res, self.preprocessing, embedding.resized_size, embedding.original_size)
+        upscale = functools.partial(
+            upscale_logits,
+            p=self.preprocessing,
+            resized_size=embedding.resized_size,
+            original_size=embedding.original_size,
+        )
+        h, w = embedding.original_size
+        masks = np.empty((len(low_res), h, w), bool)
+        step = max(1, _UPSCALE_CHUNK_BYTES // (4 * h * w))
+        for i in range(0, len(low_res), step):  # bounded memory for large images: masks only, in chunks
+            np.greater(upscale(low_res[i : i + step]), self.preprocessing.mask_threshold, out=masks[i : i + step])
         return Segmentation(
-            boxes=boxes,
-            masks=full > self.preprocessing.mask_threshold,
-            probs=sigmoid(full),
-            scores=scores[:, 0].astype(np.float32),
-            low_res_logits=low_res,
+            boxes=boxes, masks=masks, scores=scores[:, 0].astype(np.float32), low_res_logits=low_res, upscale=upscale
         )
 
     def _check_embedding(self, embedding: Any) -> None:

@@ -350,3 +350,25 @@ def test_progress_draws_only_on_a_tty():
     with Progress(4, "x", stream=quiet, enabled=False) as bar:
         bar.update()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.full
+def test_large_image_within_bounded_memory(tiny_dir, tmp_path):
+    """A 10000x10000 scan with 4 boxes: masks only (no float probabilities for every pixel), upscaled in chunks."""
+    y, x = np.ogrid[:10000, :10000]
+    Image.fromarray((((x - 5000) ** 2 + (y - 5000) ** 2 < 2000**2) * 150 + 50).astype(np.uint8)).save(
+        tmp_path / "big.png"
+    )
+    code = (
+        "import resource, sys; from medsam_rt.cli import main; "
+        f"rc = main(['segment', '{tiny_dir}', '{tmp_path / 'big.png'}', '--box', '2800,2800,7200,7200', "
+        "'--box', '100,100,3000,3000', '--box', '10,10,9000,9000', '--box', '5000,5000,9990,9990', "
+        f"'--out', '{tmp_path / 'm.png'}', '--quiet']); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    peak_gib = int(r.stdout.split()[-1]) / 2**20
+    # the image (100 MB), its RGB copy (300 MB), 4 bool masks (400 MB), two float planes for the label image
+    assert peak_gib < 3.0, peak_gib
+    assert np.asarray(Image.open(tmp_path / "m.png")).shape == (10000, 10000)
