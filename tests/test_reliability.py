@@ -220,8 +220,10 @@ SOAK_SIZES = [(64, 64), (97, 203), (256, 256), (300, 700), (512, 512), (33, 1000
 
 def run_soak(model_dir: Path, segments: int, embeds: int, seed: int = 0) -> dict:
     """``segments`` segment calls (1-8 random boxes) and ``embeds`` embed calls on distinct images of 8 shapes,
-    through a model with a 4 MiB embedding cache; resident memory before and after, once every shape and box
-    count has run (ONNX Runtime's arena and the postprocessing matrices have reached their size)."""
+    through a model with a 4 MiB embedding cache, after a warm-up on every shape and box count (ONNX Runtime's
+    arena and the postprocessing matrices reach their size). The first third of the calls lets the C allocator
+    settle (glibc raises its mmap threshold after large frees, so large arrays move onto the heap once); the
+    growth is measured over the remaining two thirds, where a leak would keep growing."""
     model = MedSAM.load(model_dir, precision="fp32", cache=4 * 2**20)
     rng = np.random.default_rng(seed)
     bases = [rng_image((*size, 3), seed=k) for k, size in enumerate(SOAK_SIZES)]
@@ -236,11 +238,15 @@ def run_soak(model_dir: Path, segments: int, embeds: int, seed: int = 0) -> dict
         for n in range(1, 9):
             model.segment(emb, boxes(base.shape, n))
     gc.collect()
-    start, samples = _rss_mib(), []
+    warm = _rss_mib()
+    settle, samples = segments // 3, []
     t0 = time.perf_counter()
     every = max(1, segments // max(1, embeds))
     done_embeds = 0
     for i in range(segments):
+        if i == settle:
+            gc.collect()
+            start = _rss_mib()
         if done_embeds < embeds and i % every == 0:
             k = done_embeds % len(bases)
             pool[k] = model.embed(bases[k] ^ np.uint8(1 + done_embeds % 255))  # new content: a cache miss
@@ -248,7 +254,7 @@ def run_soak(model_dir: Path, segments: int, embeds: int, seed: int = 0) -> dict
         k = int(rng.integers(len(pool)))
         res = model.segment(pool[k], boxes(bases[k].shape, int(rng.integers(1, 9))))
         assert res.masks.shape[1:] == bases[k].shape[:2]
-        if i % 100 == 0:
+        if i > settle and i % 20 == 0:
             samples.append(_rss_mib())
     gc.collect()
     end = _rss_mib()
@@ -258,6 +264,8 @@ def run_soak(model_dir: Path, segments: int, embeds: int, seed: int = 0) -> dict
         "segments": segments,
         "embeds": done_embeds,
         "seconds": round(time.perf_counter() - t0, 1),
+        "rss_warm_mib": round(warm, 1),
+        "settle_mib": round(start - warm, 1),
         "rss_start_mib": round(start, 1),
         "rss_end_mib": round(end, 1),
         "growth_mib": round(end - start, 1),
@@ -270,7 +278,7 @@ SOAK_BOUND_MIB = 16
 
 
 def test_memory_stays_flat_short(tiny_dir):
-    figures = run_soak(tiny_dir, segments=200, embeds=20)
+    figures = run_soak(tiny_dir, segments=240, embeds=24)
     print(f"soak (short): {figures}")
     assert figures["growth_mib"] < SOAK_BOUND_MIB, figures
 
@@ -455,7 +463,7 @@ def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path, container):
         evil.write_bytes(pickle.dumps(payload, protocol=2))
     pickle.loads(pickle.dumps(_Exploit(str(tmp_path / "control"))))  # the payload does run when unpickled
     assert (tmp_path / "control").exists()
-    with pytest.raises(ExportError, match="refusing to unpickle arbitrary objects|cannot read it"):
+    with pytest.raises(ExportError, match="refusing to unpickle arbitrary objects"):
         load_source(str(evil))
     assert not marker.exists()
     r = subprocess.run(
