@@ -10,7 +10,7 @@ TF4_TORCH_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/litemedsam
 
-.PHONY: setup demo test test-full test-tf4 bench cpp lint clean
+.PHONY: setup demo test test-full test-soak test-tf4 bench cpp lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test: setup
 BENCH_MODEL ?= $(MODEL_DIR)
 bench: setup $(TF4_VENV)/.installed
 	$(VENV)/bin/medsam-rt bench $(BENCH_MODEL) --quick --optimum-python $(TF4_VENV)/bin/python
+
+# Long reliability tier: memory soak (2000 segment + 200 embed calls), long hypothesis properties, file fuzzing
+# (6000 image + 5000 DICOM/NIfTI damaged files); about 10 minutes on 2 cores. See docs/reliability.md.
+test-soak: setup
+	$(PY) -m pytest -q -m soak
 
 # Full-size ViT-B tier: HF-format and original-.pth exports of random ViT-B (about 8 minutes, 8 GB RAM).
 test-full: setup

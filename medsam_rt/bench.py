@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .io import atomic_write
 from .samples import ellipse_phantom
 
 IMAGE_SIZES = (512, 2048)  # the interactive loop: box -> mask at the original resolution
@@ -334,8 +335,9 @@ def run_bench(
     print_fn(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{Path(str(rows[0]['model'])).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write(out_dir / f"{stem}.jsonl", lambda tmp: Path(tmp).write_text(jsonl))
+    atomic_write(out_dir / f"{stem}.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     why_not = write_plot(rows, out_dir / f"{stem}.png")
     print_fn(f"wrote {out_dir / stem}.jsonl, .md" + (f" (no plot: {why_not})" if why_not else " and .png"))
     return rows
@@ -372,8 +374,6 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
         f"{r0['model']} ({weights}) on {hw['cpu']}, {hw['cores']} cores{', ' + hw['gpu'] if hw['gpu'] else ''}"
     )
     fig.tight_layout()
-    from .io import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return None

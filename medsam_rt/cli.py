@@ -131,6 +131,12 @@ def _add_runtime_args(parser: argparse.ArgumentParser, precision_default: str, w
         default=precision_default,
         help=f"graph variant (default: %(default)s: {why})",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash the graph files against the manifest even if verified before; on CUDA also check that no "
+        "node fell back to the CPU",
+    )
 
 
 def _add_default_model_dir(parser: argparse.ArgumentParser) -> None:
@@ -303,7 +309,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
     ensure_model(args.model_dir, log=lambda msg: print(f"medsam-rt demo: {msg}", file=sys.stderr))
-    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision)
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
     if model.manifest.random_weights:
         print("medsam-rt: note: RANDOM WEIGHTS model: the masks (and Dice) are meaningless; timings are real")
     run_demo(model, args.out)
@@ -417,7 +423,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     plan = _plan_slices(args, scan)
     check_output(args.out, scan, len(plan))
     value_range = display_range(scan, value_window)
-    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision)
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
     with Progress(len(plan), "segmenting", enabled=not args.quiet and len(plan) > 1) as bar:
         results = segment_scan(model, scan, plan, value_range, on_slice=lambda k: bar.update(note=f"slice {k}"))
     write_result(args.out, scan, results)

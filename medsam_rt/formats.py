@@ -140,6 +140,17 @@ def _read_dicom(path: Path, frame: int | None) -> Scan:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, struct errors, ...)
         raise InvalidImageError(f"cannot read DICOM {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        return _dicom_scan(ds, path, frame)
+    except MedSAMError:
+        raise
+    except Exception as exc:  # elements are parsed lazily: a malformed value raises ValueError, NotImplementedError...
+        raise InvalidImageError(
+            f"DICOM {path.name} has a malformed element: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
+
+
+def _dicom_scan(ds: Any, path: Path, frame: int | None) -> Scan:
     if "PixelData" not in ds:
         raise InvalidImageError(f"DICOM {path} holds no image (no PixelData)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -279,8 +290,8 @@ def display_range(scan: Scan, spec: str | tuple[float, float] = "auto") -> tuple
             spec = "file"
         elif scan.modality == "CT":
             spec = "soft-tissue"
-        elif scan.kind == "image" and (values.dtype == np.uint8 or color):
-            return None
+        elif color or (scan.kind == "image" and values.dtype == np.uint8):
+            return None  # colour (any file) and 8-bit images are shown as they are
         else:
             spec = "percentile" if scan.kind != "image" else "minmax"
     if color:

@@ -31,6 +31,12 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InvalidImageError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            covered = sum((t.extents[2] - t.extents[0]) * (t.extents[3] - t.extents[1]) for t in img.tile)
+            if img.tile and covered < img.width * img.height:  # Pillow would zero-fill what the data lacks
+                raise OSError(
+                    f"its header says {img.width}x{img.height} pixels but its data covers {covered}: "
+                    "corrupt header or truncated file"
+                )
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L"):
                 return np.array(img, dtype=np.uint16)

@@ -194,6 +194,8 @@ def _minmax_uint8(image: np.ndarray) -> np.ndarray:
     lo, hi = float(data.min()), float(data.max())
     if hi <= lo:
         return np.zeros(image.shape, np.uint8)
+    if not np.isfinite(hi - lo):  # a span beyond float64 (e.g. -1e308..1e308): halve everything first
+        data, lo, hi = data / 2, lo / 2, hi / 2
     return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
@@ -254,7 +256,7 @@ def validate_boxes(boxes: Any, original_size: tuple[int, int]) -> np.ndarray:
     """
     try:
         arr = np.asarray(boxes, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidBoxError(f"boxes must be numbers shaped (N, 4); got {boxes!r:.80}") from None
     if arr.ndim == 1 and arr.shape[0] == 4:
         arr = arr[None, :]
