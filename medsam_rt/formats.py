@@ -129,9 +129,7 @@ def _import(name: str, path: Path):
     try:
         return __import__(name)
     except ImportError:
-        raise InvalidImageError(
-            f"reading {path.name} needs {name}: pip install 'medsam-rt[medical]'"
-        ) from None
+        raise InvalidImageError(f"reading {path.name} needs {name}: pip install 'medsam-rt[medical]'") from None
 
 
 def _read_dicom(path: Path, frame: int | None) -> Scan:

@@ -7,7 +7,6 @@ document (README "Model directory") and the code cannot drift apart.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from .errors import ModelDirError
 from .preprocess import Preprocessing
+from .util import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -139,15 +139,6 @@ def load_manifest(directory: str | Path) -> Manifest:
                 f"{g.path.name} has {g.path.stat().st_size} bytes, the manifest says {g.size}: truncated or replaced"
             )
     return Manifest(directory, raw, preprocessing, graphs)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- verification on load -------------------------------------------------------------------------------------------
