@@ -24,6 +24,7 @@ from medsam_rt.providers import physical_cores
 from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, export_graph
 from .optimize import convert_fp16, export_friendly, optimize, quantize_int8
 from .parity import check_parity, check_variant
+from .postprocess_graph import write_postprocess_graph
 from .sources import DEFAULT_MODEL, load_source
 from .util import sha256_file
 
@@ -177,6 +178,7 @@ def export_model(
             if path not in keep:
                 path.unlink()
         manifest = _write_metadata(source, shipped, parity, gates, optimization, conversion, opset)
+        manifest["postprocess_graph"] = write_postprocess_graph(tmp, opset)  # optional: masks made on the GPU
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         umask = os.umask(0)
         os.umask(umask)

@@ -27,7 +27,8 @@ def test_export_writes_the_contract(tiny_dir):
         "encoder.fp16.onnx",
         "encoder.fp32.onnx",
         "manifest.json",
-    ]  # the default precisions: fp32, fp16
+        "postprocess.onnx",
+    ]  # the default precisions: fp32, fp16; the postprocessing graph (masks on the GPU)
     m = manifest_of(tiny_dir)
     assert m["format"] == "medsam-rt" and m["schema_version"] == 1
     assert m["model"]["random_weights"] is True and "RANDOM WEIGHTS" in m["warning"]
