@@ -12,6 +12,16 @@ from typing import Any
 import numpy as np
 
 from .cache import EmbeddingCache, image_digest, model_digest
+from .cuda import (
+    BoundRunner,
+    CudaOptions,
+    DeviceResident,
+    array_info,
+    embedding_nbytes,
+    postprocess_entry,
+    resolve_options,
+    stored_value,
+)
 from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError
 from .io import read_image
 from .manifest import Manifest, check_graph_metadata, load_manifest, verify_graph
@@ -31,13 +41,14 @@ class ImageEmbedding:
     its array is read-only.
 
     Attributes:
-        embeddings: float32 ``(1, C, 64, 64)`` image embedding.
+        embeddings: float32 ``(1, C, 64, 64)`` image embedding. On the IO-binding path (CUDA) it lives in device
+            memory and reading this attribute copies it to the host once (read-only); ``segment`` never does.
         original_size: ``(H, W)`` of the image as given.
         resized_size: ``(h, w)`` of the resized image inside the encoder's padded input.
         model_id: identity of the model that made it (``segment`` refuses others).
     """
 
-    embeddings: np.ndarray
+    embeddings: np.ndarray = DeviceResident()  # a numpy array, or an OrtValue in device memory read as one
     original_size: tuple[int, int]
     resized_size: tuple[int, int]
     model_id: str
@@ -116,9 +127,12 @@ class MedSAM:
         threads: int | None = None,
         manifest: Manifest | None = None,
         cache: CacheArg = False,
+        cuda_options: str | CudaOptions | None = None,
+        postprocess_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """A model from two graph files and a recipe. Most callers want :meth:`load` (a model directory);
-        the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``)."""
+        the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``);
+        ``postprocess_path`` is the directory's optional postprocessing graph (see :mod:`medsam_rt.cuda`)."""
         self.manifest = manifest
         self.device = device
         self.precision = precision
@@ -126,8 +140,13 @@ class MedSAM:
         self._model_id = model_id
         self._paths = {"encoder": Path(encoder_path), "decoder": Path(decoder_path)}
         self._threads = threads
-        self._encoder = create_session(os.fspath(encoder_path), device, threads)
-        self._decoder = create_session(os.fspath(decoder_path), device, threads)
+        self.cuda_options = options = resolve_options(cuda_options, device)
+        cuda = options is not None and device == "cuda"  # provider options are CUDA's; captured: the encoder only
+        enc_opts = options.provider_options(cuda_graph=options.cuda_graph) if cuda else None
+        self._encoder = create_session(os.fspath(encoder_path), device, threads, provider_options=enc_opts)
+        self._decoder = create_session(
+            os.fspath(decoder_path), device, threads, provider_options=options.provider_options() if cuda else None
+        )
         enc_in = self._encoder.get_inputs()[0]
         if list(enc_in.shape[2:]) != list(preprocessing.pad_size):
             name = Path(encoder_path).name
@@ -135,6 +154,18 @@ class MedSAM:
         self._embedding_shape = tuple(self._decoder.get_inputs()[0].shape)
         self._cache_key = model_digest(model_id, preprocessing.to_dict())
         self.cache = _make_cache(cache)
+        self._runner = None
+        if options is not None and options.io_binding:
+            self._runner = BoundRunner(
+                self._encoder,
+                self._decoder,
+                decoder_path=decoder_path,
+                postprocess_path=postprocess_path,
+                device=device,
+                threads=threads,
+                options=options,
+                preprocessing=preprocessing,
+            )
 
     @classmethod
     def load(
@@ -146,6 +177,7 @@ class MedSAM:
         *,
         verify: bool = False,
         cache: CacheArg = False,
+        cuda_options: str | CudaOptions | None = None,
     ) -> MedSAM:
         """Load an exported model directory, checking it against its manifest.
 
@@ -167,11 +199,16 @@ class MedSAM:
                 one-shot use want), ``True`` (a cache of :func:`medsam_rt.cache.default_max_bytes`, 256 MiB or
                 1/32 of the RAM), a budget in bytes, or an :class:`~medsam_rt.cache.EmbeddingCache` to share
                 between models (keys include the model, precision and preprocessing).
+            cuda_options: a named set of :data:`medsam_rt.cuda.OPTION_SETS` or a :class:`~medsam_rt.cuda.CudaOptions`
+                (provider options, IO binding, box-count buckets, CUDA graphs, masks made on the device). Default:
+                on CUDA ``$MEDSAM_RT_CUDA_OPTIONS`` or ``"default"``, on the CPU the numpy path; a set given on the
+                CPU runs the IO-binding path on the CPU provider (without its CUDA provider options).
 
         Raises:
             ModelDirError: not a valid model directory, the precision was not exported, or a graph file is
                 truncated, edited, swapped or from another export (the message names the file).
             ProviderUnavailableError: the device is not available (or, with ``verify`` on CUDA, nodes fell back).
+            OptionSetError: an unknown option set name.
         """
         manifest = load_manifest(Path(model_dir))
         device = resolve_device(device)
@@ -179,6 +216,9 @@ class MedSAM:
         enc, dec = manifest.graph("encoder", precision), manifest.graph("decoder", precision)
         for entry in (enc, dec):
             verify_graph(entry, full=verify)
+        options = resolve_options(cuda_options, device)
+        used = options is not None and options.device_postprocess  # checked like the others when it is loaded
+        post = postprocess_entry(manifest, verify=verify) if used else None
         model = cls(
             manifest.preprocessing,
             enc.path,
@@ -189,6 +229,8 @@ class MedSAM:
             threads=threads,
             manifest=manifest,
             cache=cache,
+            cuda_options=options,
+            postprocess_path=post.path if post is not None else None,
         )
         for entry, session in ((enc, model._encoder), (dec, model._decoder)):
             check_graph_metadata(manifest, entry, session.get_modelmeta().custom_metadata_map)
@@ -226,9 +268,12 @@ class MedSAM:
     def _embed(self, image: np.ndarray, shared: bool = False) -> ImageEmbedding:
         rgb = to_rgb_uint8(image)
         pixel_values, resized = preprocess_image(rgb, self.preprocessing)
-        (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
-        if shared:  # cached: every caller gets this object
-            emb.setflags(write=False)
+        if self._runner is not None:  # stays in device memory (its host copy is read-only)
+            emb = self._runner.encode(pixel_values)
+        else:
+            (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
+            if shared:  # cached: every caller gets this object
+                emb.setflags(write=False)
         return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
 
     def segment(self, embedding: ImageEmbedding, boxes: Any) -> Segmentation:
@@ -246,24 +291,29 @@ class MedSAM:
         self._check_embedding(embedding)
         boxes = validate_boxes(boxes, embedding.original_size)
         scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
-        logits, scores = self._decoder.run(
-            ["low_res_logits", "iou_scores"], {"image_embeddings": embedding.embeddings, "boxes": scaled}
-        )
-        low_res = logits[:, 0]
+        masks = None
+        if self._runner is not None:  # masks too when the postprocessing graph made them on the device
+            low_res, scores, masks = self._runner.decode(
+                stored_value(embedding), scaled, embedding.resized_size, embedding.original_size
+            )
+        else:
+            logits, iou = self._decoder.run(
+                ["low_res_logits", "iou_scores"], {"image_embeddings": embedding.embeddings, "boxes": scaled}
+            )
+            low_res, scores = logits[:, 0], iou[:, 0].astype(np.float32)
         upscale = functools.partial(
             upscale_logits,
             p=self.preprocessing,
             resized_size=embedding.resized_size,
             original_size=embedding.original_size,
         )
-        h, w = embedding.original_size
-        masks = np.empty((len(low_res), h, w), bool)
-        step = max(1, _UPSCALE_CHUNK_BYTES // (4 * h * w))
-        for i in range(0, len(low_res), step):  # bounded memory for large images: masks only, in chunks
-            np.greater(upscale(low_res[i : i + step]), self.preprocessing.mask_threshold, out=masks[i : i + step])
-        return Segmentation(
-            boxes=boxes, masks=masks, scores=scores[:, 0].astype(np.float32), low_res_logits=low_res, upscale=upscale
-        )
+        if masks is None:
+            h, w = embedding.original_size
+            masks = np.empty((len(low_res), h, w), bool)
+            step = max(1, _UPSCALE_CHUNK_BYTES // (4 * h * w))
+            for i in range(0, len(low_res), step):  # bounded memory for large images: masks only, in chunks
+                np.greater(upscale(low_res[i : i + step]), self.preprocessing.mask_threshold, out=masks[i : i + step])
+        return Segmentation(boxes=boxes, masks=masks, scores=scores, low_res_logits=low_res, upscale=upscale)
 
     def _check_embedding(self, embedding: Any) -> None:
         if not isinstance(embedding, ImageEmbedding):
@@ -275,14 +325,15 @@ class MedSAM:
                 f"embedding was made by model {embedding.model_id!r}, not by this model {self.model_id!r}; "
                 "embed the image with this model"
             )
-        emb = embedding.embeddings
+        emb = stored_value(embedding)  # host array or device OrtValue: checked where it lives, without a copy
+        info = array_info(emb)
         if (
-            not isinstance(emb, np.ndarray)
-            or emb.dtype != np.float32
-            or emb.ndim != len(self._embedding_shape)
-            or any(isinstance(d, int) and d != n for d, n in zip(self._embedding_shape, emb.shape, strict=True))
+            info is None
+            or info[0] != np.float32
+            or len(info[1]) != len(self._embedding_shape)
+            or any(isinstance(d, int) and d != n for d, n in zip(self._embedding_shape, info[1], strict=True))
         ):
-            got = f"{emb.dtype} {emb.shape}" if isinstance(emb, np.ndarray) else type(emb).__name__
+            got = f"{info[0]} {info[1]}" if info else type(emb).__name__
             raise EmbeddingMismatchError(f"embedding holds {got}; this model's are float32 {self._embedding_shape}")
         try:
             size = tuple(int(v) for v in embedding.original_size)
@@ -307,6 +358,15 @@ class MedSAM:
         """
         return {role: node_placement(path, self.device, threads=self._threads) for role, path in self._paths.items()}
 
+    def execution_report(self) -> dict[str, Any]:
+        """How this model runs: device, precision, the CUDA option set (``None``: the numpy path) and, on the
+        IO-binding path, what it does (captured graphs, buckets built, where masks are made, device copies)."""
+        options = self.cuda_options
+        report: dict[str, Any] = {"device": self.device, "precision": self.precision}
+        report["cuda_options"] = options.to_dict() if options is not None else None
+        report["io_binding"] = self._runner.report() if self._runner is not None else None
+        return report
+
     def predict(self, image: np.ndarray | str | os.PathLike[str], boxes: Any) -> Segmentation:
         """``segment(embed(image), boxes)`` in one call."""
         return self.segment(self.embed(image), boxes)
@@ -318,9 +378,9 @@ def _make_cache(cache: CacheArg) -> EmbeddingCache | None:
     if cache is None or cache is False or cache == 0:
         return None
     if cache is True:
-        return EmbeddingCache()
+        return EmbeddingCache(size_of=embedding_nbytes)  # device-resident embeddings count where they live
     if isinstance(cache, int) and cache > 0:
-        return EmbeddingCache(cache)
+        return EmbeddingCache(cache, size_of=embedding_nbytes)
     raise ValueError(f"cache must be True, False, a byte budget > 0 or an EmbeddingCache; got {cache!r}")
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,25 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def create_session(path: str, device: str, threads: int | None = None) -> ort.InferenceSession:
-    """Create an inference session for a resolved ``device`` and verify the provider really is in use."""
-    return _start_session(path, device, _session_options(threads))
+def create_session(
+    path: str,
+    device: str,
+    threads: int | None = None,
+    *,
+    provider_options: Mapping[str, str] | None = None,
+    free_dims: Mapping[str, int] | None = None,
+) -> ort.InferenceSession:
+    """Create an inference session for a resolved ``device`` and verify the provider really is in use.
+
+    Args:
+        provider_options: options of the device's execution provider (CUDA: see :mod:`medsam_rt.cuda`).
+        free_dims: named dynamic dimensions fixed for this session (e.g. ``{"num_boxes": 8}``); ONNX Runtime then
+            treats them as constants (shape computations fold away) and refuses other sizes.
+    """
+    opts = _session_options(threads)
+    for name, value in (free_dims or {}).items():
+        opts.add_free_dimension_override_by_name(name, int(value))
+    return _start_session(path, device, opts, provider_options)
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -83,8 +100,11 @@ _BAD_MODEL_ERRORS = tuple(
 ) + (UnicodeDecodeError,)
 
 
-def _start_session(path: str, device: str, opts: ort.SessionOptions) -> ort.InferenceSession:
-    providers = [_PROVIDER[device]] + (["CPUExecutionProvider"] if device == "cuda" else [])
+def _start_session(
+    path: str, device: str, opts: ort.SessionOptions, provider_options: Mapping[str, str] | None = None
+) -> ort.InferenceSession:
+    first = (_PROVIDER[device], dict(provider_options)) if provider_options else _PROVIDER[device]
+    providers = [first] + (["CPUExecutionProvider"] if device == "cuda" else [])
     try:
         session = ort.InferenceSession(path, sess_options=opts, providers=providers)
     except _BAD_MODEL_ERRORS as exc:
