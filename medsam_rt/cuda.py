@@ -493,10 +493,9 @@ class BoundRunner:
         return value
 
     def report(self) -> dict[str, Any]:
-        """What runs how: the option set, whether graphs are captured, the buckets built so far, where masks are
-        made and how device buffers are copied."""
+        """What runs how: whether graphs are captured, the buckets built so far, where masks are made and how
+        device buffers are copied."""
         return {
-            "options": self.options.to_dict(),
             "device": self.device,
             "cuda_graphs": self._capture,
             "static_buffers": bool(self.options.buckets or self.options.cuda_graph),
