@@ -328,6 +328,8 @@ class BoundRunner:
         threads: intra-op threads of the extra sessions.
         options: the option set (``io_binding`` is true).
         preprocessing: the model's recipe (postprocess mode, pad size, mask threshold).
+        max_boxes: boxes per decoder call at most (the decoder's activations grow with N); default: the largest
+            bucket of :data:`DEFAULT_BUCKETS`.
     """
 
     def __init__(
@@ -341,8 +343,10 @@ class BoundRunner:
         threads: int | None,
         options: CudaOptions,
         preprocessing: Preprocessing,
+        max_boxes: int = DEFAULT_BUCKETS[-1],
     ) -> None:
         self.device, self.options, self.preprocessing = device, options, preprocessing
+        self.max_boxes = max_boxes
         self.encoder, self.decoder = encoder, decoder
         self._decoder_path, self._threads = os.fspath(decoder_path), threads
         self._capture = options.cuda_graph and device == "cuda"  # the CPU provider has nothing to capture
@@ -396,7 +400,8 @@ class BoundRunner:
         """
         n, (h, w) = len(boxes), original_size
         on_device = self.postprocess is not None
-        plan = bucket_plan(n, self.options.buckets, max(1, DEVICE_CHUNK_BYTES // (4 * h * w)) if on_device else None)
+        limit = min(self.max_boxes, DEVICE_CHUNK_BYTES // (4 * h * w)) if on_device else self.max_boxes
+        plan = bucket_plan(n, self.options.buckets, max(1, limit))
         low_res = np.empty((n, self._low_res, self._low_res), np.float32)
         scores = np.empty(n, np.float32)
         masks = np.empty((n, h, w), bool) if on_device and len(plan) > 1 else None

@@ -13,6 +13,7 @@ import numpy as np
 
 from .cache import EmbeddingCache, image_digest, model_digest
 from .cuda import (
+    DEFAULT_BUCKETS,
     BoundRunner,
     CudaOptions,
     DeviceResident,
@@ -167,6 +168,7 @@ class MedSAM:
                 threads=threads,
                 options=options,
                 preprocessing=preprocessing,
+                max_boxes=_DECODER_MAX_BOXES if device == "cpu" else DEFAULT_BUCKETS[-1],  # GPU: unmeasured
             )
 
     @classmethod

@@ -319,6 +319,15 @@ def test_many_boxes_are_split_into_bucket_chunks(tiny_dir):
     assert model.execution_report()["io_binding"]["buckets_built"] == [4]
 
 
+def test_decoder_calls_are_capped_on_the_cpu(tiny_dir):
+    """As the numpy path: at most 16 boxes per decoder call on the CPU (activations grow ~100 MB per box)."""
+    model = MedSAM.load(tiny_dir, precision="fp32", cuda_options="buckets")
+    boxes = np.tile(BOXES, (8, 1))  # 40 boxes: 16 + 16 + 8
+    ref_model = MedSAM.load(tiny_dir, precision="fp32")
+    _assert_same(model.segment(model.embed(IMAGE), boxes), ref_model.segment(ref_model.embed(IMAGE), boxes), 40)
+    assert model.execution_report()["io_binding"]["buckets_built"] == [8, 16]
+
+
 def test_device_masks_in_chunks_for_large_images(tiny_dir, monkeypatch):
     """Masks made on the device are built a bounded number of boxes at a time (here: one box per chunk)."""
     monkeypatch.setattr(cuda_mod, "DEVICE_CHUNK_BYTES", 4 * 300 * 700)
