@@ -58,6 +58,11 @@ test-tf4: $(TF4_VENV)/.installed
 	$(TF4_VENV)/bin/python -m pytest -q tests/test_export.py tests/test_preprocess.py tests/test_runtime.py \
 		tests/test_optimum.py
 
+# On a GPU host (WHEELS: a folder with onnxruntime_gpu-*.whl): export, parity, CUDA option sets, bench -> gpu-out/
+WHEELS ?= wheels
+gpu-suite:
+	benchmarks/gpu_suite.sh $(WHEELS) gpu-out
+
 # The C++ example (examples/cpp): build/cpp/medsam_rt_cpp, linked against the venv's onnxruntime.
 cpp: setup
 	PYTHON=$(PY) examples/cpp/build.sh build/cpp

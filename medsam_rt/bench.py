@@ -58,7 +58,8 @@ def ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable,
     model = MedSAM.load(model_dir, device=device, precision=precision)
     g = model.manifest.raw["graphs"]
     size_mib = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
-    return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, {"graph_mib": size_mib}
+    extra = {"graph_mib": size_mib, "execution": model.execution_report()}
+    return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, extra
 
 
 def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Callable, Callable, dict]:
@@ -327,6 +328,7 @@ def run_bench(
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                 "peak_gpu_mib": max((r["peak_gpu_mib"] for r in rs if r.get("peak_gpu_mib")), default=None),
                 "graph_mib": rs[0]["graph_mib"],
+                "execution": rs[0].get("execution"),
                 "hardware": hw,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }

@@ -90,7 +90,8 @@ class EmbeddingCache(Generic[V]):
     Args:
         max_bytes: budget; ``None``: :func:`default_max_bytes`. A value larger than the whole budget is
             returned but not kept. 0 keeps nothing (every lookup computes).
-        size_of: bytes of one value (default: ``value.embeddings.nbytes``, for ImageEmbedding).
+        size_of: bytes of one value (default: an ImageEmbedding's bytes where it lives, host or device,
+            without copying a device-resident one to the host).
     """
 
     def __init__(self, max_bytes: int | None = None, size_of: Callable[[V], int] | None = None) -> None:
@@ -98,7 +99,7 @@ class EmbeddingCache(Generic[V]):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._size_of = size_of or (lambda v: int(v.embeddings.nbytes))  # type: ignore[attr-defined]
+        self._size_of = size_of or _embedding_nbytes
         self._lock = threading.Lock()
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._pending: dict[str, threading.Event] = {}
@@ -180,3 +181,12 @@ class EmbeddingCache(Generic[V]):
 
 
 __all__ = ["CacheStats", "EmbeddingCache", "default_max_bytes", "image_digest", "model_digest"]
+
+
+def _embedding_nbytes(value: Any) -> int:
+    from .cuda import embedding_nbytes  # lazy: these modules import this one
+    from .model import ImageEmbedding
+
+    if isinstance(value, ImageEmbedding):  # host array or device-resident OrtValue, sized without a copy
+        return int(embedding_nbytes(value))
+    return int(value.embeddings.nbytes)
