@@ -34,6 +34,7 @@ def test_variants_files_and_manifest(all_dir):
         "encoder.fp32.onnx",
         "encoder.int8.onnx",
         "manifest.json",
+        "postprocess.onnx",
     ]
     assert m["graphs"]["decoder"]["int8"]["file"] == "decoder.fp32.onnx"  # int8 pairs with the fp32 decoder
     assert m["graphs"]["encoder"]["int8"]["conversion"]["quantized_nodes"] > 0
@@ -88,7 +89,8 @@ def test_int8_only_export_and_bad_precision_lists(tmp_path):
     out = export_model(tmp_path / "int8", random_weights=True, arch="tiny", precisions="int8")
     m = manifest_of(out)
     assert m["precisions"] == ["int8"] and "checks" in m["parity"]["fp32"]  # the fp32 baseline is documented
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.fp32.onnx", "encoder.int8.onnx", "manifest.json"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["decoder.fp32.onnx", "encoder.int8.onnx", "manifest.json", "postprocess.onnx"]
     assert MedSAM.load(out).precision == "int8"
     with pytest.raises(ModelDirError, match="no fp32 variant"):
         MedSAM.load(out, precision="fp32")
