@@ -17,6 +17,10 @@ from medsam_rt.preprocess import Preprocessing, preprocess_image, scale_boxes, t
 from .sources import Source, load_source
 
 
+def torch_cuda_available() -> bool:
+    return bool(torch.cuda.is_available())
+
+
 def source_of(model_dir: Path) -> tuple[Source, dict[str, Any]]:
     """The torch model a model directory was exported from (rebuilt from its manifest), and the manifest."""
     manifest = json.loads((Path(model_dir) / "manifest.json").read_text())

@@ -240,12 +240,10 @@ def plan(
         run.append(f"ort-{p}")
     if with_torch:
         try:
-            import torch
-
-            import medsam_rt_export.bench  # noqa: F401  (needs torch and the export extra)
+            from medsam_rt_export.bench import torch_cuda_available  # needs torch and the export extra
 
             run.insert(0, "pytorch-fp32")
-            if device == "cuda" and torch.cuda.is_available():
+            if device == "cuda" and torch_cuda_available():
                 run[1:1] = ["pytorch-cuda-fp32", "pytorch-cuda-fp16"]
             elif device == "cuda":
                 skipped.append("pytorch on CUDA: torch.cuda.is_available() is False")
