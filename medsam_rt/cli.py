@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export LiteMedSAM into MODEL_DIR if it holds no model yet, segment the validation set "
         "(phantoms with known masks; CT, MR, microscopy and fundus images shipped in pydicom, nibabel and "
         "scikit-image), write label masks and overlays, and print latency against PyTorch.",
+        epilog="examples:\n  medsam-rt demo                                  # models/litemedsam, demo-out/\n"
+        "  medsam-rt demo models/medsam --out out --precision int8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_default_model_dir(dm)
     dm.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
@@ -287,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark a model directory: encoder latency, decoder latency for several boxes per call, "
         "the interactive loop (box -> mask at 512x512 and 2048x2048), cold start, peak memory and graph sizes, "
         "for every exported precision and for the PyTorch fp32 model, each in its own process.",
+        epilog="examples:\n  medsam-rt bench --quick                         # LiteMedSAM, a few minutes\n"
+        "  medsam-rt bench models/vitb --optimum-python .venv-tf4/bin/python   # + the optimum baseline row\n"
+        "  medsam-rt bench models/vitb --quick --device cuda                   # CUDA rows + PyTorch on CUDA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_default_model_dir(bn)
     bn.add_argument("--quick", action="store_true", help="1 round x 3 repeats, N up to 16 (minutes, not tens)")
