@@ -91,11 +91,14 @@ class Segmentation:
         elif n > 1:
             computed = self.__dict__.get("probs")
             best = np.full(labels.shape, -np.inf, np.float32)
+            win = np.empty(labels.shape, bool)
             for k in range(n):
                 score = computed[k] if computed is not None else self.upscale(self.low_res_logits[k : k + 1])[0]
-                win = self.masks[k] & (score > best)  # sigmoid is monotonic: logits rank like probabilities
+                np.greater(score, best, out=win)  # sigmoid is monotonic: logits rank like probabilities
+                win &= self.masks[k]
                 labels[win] = k + 1
-                best[win] = score[win]
+                np.copyto(best, score, where=win)
+                del score
         return labels
 
 

@@ -369,6 +369,7 @@ def test_large_image_within_bounded_memory(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     peak_gib = int(r.stdout.split()[-1]) / 2**20
-    # the image (100 MB), its RGB copy (300 MB), 4 bool masks (400 MB), two float planes for the label image
-    assert peak_gib < 3.0, peak_gib
+    # the image (100 MB), its RGB copy (300 MB), 4 bool masks (400 MB), two float planes for the label image,
+    # the sessions; before chunked masks and on-demand probabilities: ~4 GB for 2 boxes, +1 GB per box
+    assert peak_gib < 3.5, peak_gib
     assert np.asarray(Image.open(tmp_path / "m.png")).shape == (10000, 10000)
