@@ -16,6 +16,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .errors import ModelDirError, ProviderUnavailableError
+from .util import one_line
 
 log = logging.getLogger("medsam_rt")
 
@@ -108,10 +109,10 @@ def _start_session(
     try:
         session = ort.InferenceSession(path, sess_options=opts, providers=providers)
     except _BAD_MODEL_ERRORS as exc:
-        raise ModelDirError(f"cannot load {path}: not a valid ONNX graph ({_one_line(exc)})") from None
+        raise ModelDirError(f"cannot load {path}: not a valid ONNX graph ({one_line(exc)})") from None
     except Exception as exc:  # ONNX Runtime's Fail / EPFail / RuntimeException: the provider could not run it
         raise ProviderUnavailableError(
-            f"ONNX Runtime could not start {_PROVIDER[device]} for {path}: {_one_line(exc)}"
+            f"ONNX Runtime could not start {_PROVIDER[device]} for {path}: {one_line(exc)}"
         ) from None
     if session.get_providers()[0] != _PROVIDER[device]:
         raise ProviderUnavailableError(
@@ -236,8 +237,3 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 def _zeros_for(arg: ort.NodeArg) -> np.ndarray:
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
     return np.zeros(shape, _ORT_TYPES.get(arg.type, np.float32))
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
