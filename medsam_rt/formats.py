@@ -53,6 +53,9 @@ class Scan:
         file_window: ``(level, width)`` from the file (DICOM WindowCenter/Width), when present.
         axis: NIfTI voxel axis the slices run along (``None`` for 2-D files).
         source: the nibabel image (NIfTI), kept to write label volumes with its shape, affine and header.
+        geometry: where the voxels lie in patient space (:class:`~medsam_rt.series.VolumeGeometry`), for DICOM
+            series and multi-frame files that record positions; ``None`` otherwise.
+        files: a DICOM series' files in slice order (empty for single files).
     """
 
     values: np.ndarray
@@ -64,6 +67,8 @@ class Scan:
     file_window: tuple[float, float] | None = None
     axis: int | None = None
     source: Any = field(default=None, repr=False)
+    geometry: Any = None
+    files: tuple[Path, ...] = field(default=(), repr=False)
 
     @property
     def num_slices(self) -> int:
@@ -99,20 +104,31 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def read_scan(path: str | os.PathLike[str], *, frame: int | None = None, axis: int = 2) -> Scan:
-    """Read a PNG/JPEG/TIFF image, a DICOM file or a NIfTI volume.
+def read_scan(
+    path: str | os.PathLike[str], *, frame: int | None = None, axis: int = 2, series: str | None = None
+) -> Scan:
+    """Read a PNG/JPEG/TIFF image, a DICOM file, a folder of DICOM files (one series) or a NIfTI volume.
 
     Args:
         path: the file; its type is told by extension (``.nii``, ``.nii.gz``, ``.dcm``) or DICOM's preamble.
+            A folder is read as a DICOM series (:func:`medsam_rt.series.read_series`).
         frame: for multi-frame DICOM, the 0-based frame to keep (default: all frames as slices).
         axis: for NIfTI, the voxel axis (0, 1, 2) that slices run along.
+        series: for a folder, the SeriesInstanceUID to read when it holds several.
 
     Raises:
         InvalidImageError: missing, unreadable, undecodable (e.g. a compressed DICOM transfer syntax without
             a decoder: the syntax is named) or unsupported file; a missing optional package is named.
         InvalidSliceError: ``frame`` outside the file, or ``axis`` not 0, 1 or 2.
+        SeriesError: a folder that is not one regular series (see :mod:`medsam_rt.series`).
     """
     path = Path(path)
+    if path.is_dir():
+        if frame is not None:
+            raise InvalidSliceError(f"--frame applies to one multi-frame DICOM file; {path} is a folder (a series)")
+        from .series import read_series
+
+        return read_series(path, series=series)
     if not path.is_file():
         raise InvalidImageError(f"image file not found: {path}")
     if is_nifti(path):
@@ -173,13 +189,9 @@ def _dicom_scan(ds: Any, path: Path, frame: int | None) -> Scan:
     if frame is not None:
         pixels = pixels[frame : frame + 1]
     values: np.ndarray = pixels
+    geometry = None
     if not color:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if "DoseGridScaling" in ds:
-            slope *= float(ds.DoseGridScaling)
-        if slope != 1 or intercept != 0:
-            values = pixels.astype(np.float64) * slope + intercept
+        values, geometry = _modality_values(ds, pixels, path, frame)
         if photometric == "MONOCHROME1":  # lowest value = brightest: flip so that displays agree
             flip = float(values.max()) + float(values.min())
             values = flip - values.astype(np.float64)
@@ -188,6 +200,8 @@ def _dicom_scan(ds: Any, path: Path, frame: int | None) -> Scan:
         file_window = (flip - file_window[0], file_window[1])
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    if geometry is not None:  # enhanced files keep these in their functional groups
+        thickness, spacing = geometry.spacing[0], spacing or geometry.spacing[1:]
     return Scan(
         values=values,
         kind="dicom",
@@ -196,7 +210,59 @@ def _dicom_scan(ds: Any, path: Path, frame: int | None) -> Scan:
         slice_thickness=float(thickness) if thickness else None,
         modality=str(ds.get("Modality")) if ds.get("Modality") else None,
         file_window=file_window,
+        geometry=geometry,
     )
+
+
+def _modality_values(ds: Any, pixels: np.ndarray, path: Path, frame: int | None) -> tuple[np.ndarray, Any]:
+    """``(F, H, W)`` stored values -> modality values, and the frames' geometry when the file records it.
+
+    The modality LUT (``pydicom.pixels.apply_modality_lut``: Rescale Slope/Intercept or a Modality LUT Sequence)
+    comes from the dataset, or per frame from an enhanced file's functional groups (Pixel Value Transformation);
+    RT Dose grids are scaled by DoseGridScaling. Geometry: enhanced files' per-frame plane positions (frames in
+    file order, regularly spaced), else ``None``.
+    """
+    from pydicom import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def group(i: int, name: str) -> Any:
+        for item in ((per_frame[i] if i < len(per_frame) else None), shared):
+            if item is not None and item.get(name):
+                return item.get(name)[0]
+        return None
+
+    indices = range(pixels.shape[0]) if frame is None else [frame]
+    if any(group(i, "PixelValueTransformationSequence") is not None for i in indices):
+        values = np.empty(pixels.shape, np.float64)
+        for j, i in enumerate(indices):
+            item = group(i, "PixelValueTransformationSequence")
+            lut = Dataset()
+            if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:
+                lut.RescaleSlope, lut.RescaleIntercept = item.RescaleSlope, item.RescaleIntercept
+            values[j] = apply_modality_lut(pixels[j], lut)
+    else:
+        values = apply_modality_lut(pixels, ds)
+    if "DoseGridScaling" in ds:
+        values = values.astype(np.float64) * float(ds.DoseGridScaling)
+    geometry = None
+    if per_frame and len(indices) > 1:
+        from .series import SeriesError, _vec, stack_geometry
+
+        planes = [group(i, "PlanePositionSequence") for i in indices]
+        orients = [group(i, "PlaneOrientationSequence") for i in indices]
+        measures = group(0, "PixelMeasuresSequence")
+        positions = [_vec(p.get("ImagePositionPatient"), 3) if p is not None else None for p in planes]
+        orientations = [_vec(o.get("ImageOrientationPatient"), 6) if o is not None else None for o in orients]
+        if all(v is not None for v in positions) and all(v is not None for v in orientations):
+            spacing = _vec(measures.get("PixelSpacing"), 2) if measures is not None else None
+            try:
+                _, geometry = stack_geometry([path] * len(indices), orientations, positions, spacing, sort=False)
+            except SeriesError:  # several stacks, a cine series...: frames are still read, without geometry
+                geometry = None
+    return values, geometry
 
 
 def _file_window(ds) -> tuple[float, float] | None:
