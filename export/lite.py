@@ -11,7 +11,8 @@ import torch
 
 from medsam_rt.errors import ExportError
 
-from .graphs import SegmentAnythingDecoderGraph, segment_anything_decode
+from .fast_decoder import FastBoxDecoder
+from .graphs import segment_anything_decode
 from .sources import Reference, Source
 from .util import one_line, sha256_file
 
@@ -122,7 +123,7 @@ def lite_source(checkpoint: Path | None = None) -> Source:
     return Source(
         model=net,
         encoder=net.image_encoder,
-        decoder=SegmentAnythingDecoderGraph(net.prompt_encoder, net.mask_decoder).eval(),
+        decoder=FastBoxDecoder.from_segment_anything(net.prompt_encoder, net.mask_decoder),
         reference=Reference(net.image_encoder, decode, lambda px, boxes: net(px, boxes)),
         preprocessing=dict(LITE_PREPROCESSING),
         info={

@@ -33,11 +33,13 @@ class Reference:
     ``encode(pixels [1,3,S,S]) -> embeddings [1,C,64,64]``;
     ``decode(embeddings, boxes [N,4]) -> (logits [N,1,256,256], iou [N,1])``;
     ``full(pixels, boxes) -> logits [N,1,256,256]`` (the model's own end-to-end forward).
+    ``random_weights``: the weights are random (the decoder's parity bound then has a relative term).
     """
 
     encode: Callable[[torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     full: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    random_weights: bool = False
 
 
 @dataclass
@@ -58,8 +60,13 @@ class Source:
 def hf_model_source(
     sam: SamModel, preprocessing: dict[str, Any], info: dict[str, Any], processor_config: dict[str, Any] | None = None
 ) -> Source:
-    """A :class:`Source` for a transformers ``SamModel`` (hub, local dir, random, converted ``.pth``)."""
-    from .graphs import DecoderGraph, EncoderGraph
+    """A :class:`Source` for a transformers ``SamModel`` (hub, local dir, random, converted ``.pth``).
+
+    The exported decoder is :class:`~.fast_decoder.FastBoxDecoder` (the same function, re-associated); the parity
+    reference stays the library's own ``SamModel`` forward.
+    """
+    from .fast_decoder import FastBoxDecoder
+    from .graphs import EncoderGraph
 
     def decode(emb: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = sam(image_embeddings=emb, input_boxes=boxes[None], multimask_output=False)
@@ -71,8 +78,10 @@ def hf_model_source(
     return Source(
         model=sam,
         encoder=EncoderGraph(sam).eval(),
-        decoder=DecoderGraph(sam).eval(),
-        reference=Reference(lambda px: sam.vision_encoder(px).last_hidden_state, decode, full),
+        decoder=FastBoxDecoder.from_hf(sam),
+        reference=Reference(
+            lambda px: sam.vision_encoder(px).last_hidden_state, decode, full, bool(info.get("random_weights"))
+        ),
         preprocessing=preprocessing,
         info=info,
         embed_channels=sam.config.vision_config.output_channels,
