@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -78,8 +80,9 @@ def optimize(src: Path, dst: Path) -> dict[str, Any]:
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    try:
-        opt = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options)
+    try:  # its shape helper prints "Cannot retrieve the shape of ..." for every edge inside an If branch
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options)
     finally:
         quiet.setLevel(level)
     opt.save_model_to_file(str(dst))
@@ -108,24 +111,119 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
+#: Ops whose output feeds a MatMul that int8 keeps in fp32 (see :func:`quantize_int8`).
+GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
+#: Ops that only move data between a GELU and the MatMul it feeds.
+_LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+#: Integer ops the int8 graphs may contain and the input index of their weight (and weight zero point).
+INTEGER_WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3), "DynamicQuantizeMatMul": (1, 3)}
+
+
+def gelu_fed_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose input is a GELU's output (through layout-only ops): the second
+    linear layer of every transformer MLP."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        x = node.input[0]
+        for _ in range(4):
+            p = producer.get(x)
+            if p is None or (p.op_type not in GELU_OPS and p.op_type not in _LAYOUT_OPS):
+                break
+            if p.op_type in GELU_OPS:
+                names.append(node.name)
+                break
+            x = p.input[0]
+    return names
+
+
+def integer_weight_ranges(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """For every integer matrix op with a constant weight: its name, the weight's dtype and the range of
+    ``weight - zero_point`` (what the kernels multiply with the uint8 activations)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = []
+    for node in model.graph.node:
+        idx = INTEGER_WEIGHT_INPUTS.get(node.op_type)
+        if idx is None or len(node.input) <= idx[0] or node.input[idx[0]] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[idx[0]]])
+        zp_name = node.input[idx[1]] if len(node.input) > idx[1] else ""
+        zp = numpy_helper.to_array(inits[zp_name]).astype(np.int32) if zp_name in inits else np.zeros(1, np.int32)
+        if zp.size > 1:  # per output channel: the last axis of a MatMul weight, the first of a Conv weight
+            shape = [1] * w.ndim
+            shape[0 if node.op_type == "ConvInteger" else -1] = zp.size
+            zp = zp.reshape(shape)
+        centred = w.astype(np.int32) - zp.reshape(-1)[0] if zp.size == 1 else w.astype(np.int32) - zp
+        rows.append({"node": node.name, "dtype": str(w.dtype), "min": int(centred.min()), "max": int(centred.max())})
+    return rows
+
+
+def saturation_free(rows: list[dict[str, Any]]) -> bool:
+    """True when every integer op's products are exact on every ONNX Runtime CPU kernel: uint8 weights (the
+    u8·u8 kernels widen to 16 bits before multiplying and accumulate in 32), or int8 weights within
+    [-64, 63] (two u8·s8 products then sum to at most 2·255·64 = 32640 < 32767, so a saturating 16-bit
+    pair-wise accumulation never saturates)."""
+    return all(r["dtype"] == "uint8" or (r["min"] >= -64 and r["max"] <= 63) for r in rows)
+
+
 def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
-    """Dynamic int8 quantisation of MatMul/Gemm weights, per channel; convolutions stay fp32."""
+    """Dynamic int8 quantisation of MatMul/Gemm weights that gives the same integer products on every CPU.
+
+    Scheme (chosen by measurement, benchmarks/RESULTS.md): per-channel **uint8** weights with dynamic uint8
+    activations (u8·u8): exact on every ONNX Runtime kernel, unlike int8 weights, whose u8·s8 kernels saturate
+    on CPUs without VNNI (AVX2). The MatMuls fed by a GELU (each MLP's second layer, whose heavy-tailed inputs
+    lose most to per-tensor activation quantisation) stay fp32; convolutions stay fp32 (ConvInteger is slow on
+    the CPU). The result is checked: every integer op must be :func:`saturation_free`.
+
+    Raises:
+        ExportError: the quantizer did not produce the expected graph (a node it renamed, a saturating weight).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from medsam_rt.errors import ExportError
+
+    model = onnx.load(str(src))
+    candidates = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    constant = {t.name for t in model.graph.initializer}
+    candidates = [n.name for n in model.graph.node if n.name in candidates and n.input[1] in constant]
+    keep_fp32 = gelu_fed_matmuls(model)
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint on the root logger
     try:
         quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]
+            str(src),
+            str(dst),
+            weight_type=QuantType.QUInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            # the quantizer splits a Gemm into MatMul + Add named "<gemm>_MatMul" before quantising
+            nodes_to_exclude=keep_fp32 + [f"{n}_MatMul" for n in keep_fp32],
         )
     finally:
         quiet.setLevel(level)
-    counts = node_counts(onnx.load(str(dst)))
+    quantized = onnx.load(str(dst))
+    ranges = integer_weight_ranges(quantized)
+    if len(ranges) != len(candidates) - len(keep_fp32):
+        raise ExportError(
+            f"int8 quantisation of {src.name}: {len(ranges)} integer MatMuls, expected "
+            f"{len(candidates) - len(keep_fp32)} ({len(candidates)} with constant weights, {len(keep_fp32)} kept fp32)"
+        )
+    if not saturation_free(ranges):
+        raise ExportError(f"int8 quantisation of {src.name} produced weights that can saturate u8·s8 kernels")
+    counts = node_counts(quantized)
     return {
         "tool": "onnxruntime.quantization.quantize_dynamic",
-        "weight_type": "QInt8",
+        "scheme": "dynamic u8u8: per-channel uint8 weights, per-tensor uint8 activations",
+        "weight_type": "QUInt8",
+        "activation_type": "QUInt8 (dynamic)",
         "per_channel": True,
         "op_types": ["MatMul", "Gemm"],
+        "kept_fp32": {"rule": "MatMuls fed by a GELU (MLP second layers)", "nodes": len(keep_fp32)},
         "quantized_nodes": counts.get("MatMulInteger", 0) + counts.get("DynamicQuantizeMatMul", 0),
+        "saturation_free": True,
     }

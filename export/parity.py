@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from medsam_rt.cpu import cpu_info
 from medsam_rt.errors import GateError, ParityError
 from medsam_rt.preprocess import Preprocessing, preprocess_image
 
@@ -143,10 +144,10 @@ def check_variant(
             if not np.isfinite(values).all():
                 raise GateError(precision, f"non-finite {what}", float("nan"), "finite", name)
     if precision == "fp32":  # the fp32 graphs were compared with PyTorch already
-        return {"precision": precision, "finite_on_extreme_inputs": True, "passed": True}
+        return {"precision": precision, "finite_on_extreme_inputs": True, "passed": True, "ran_on": cpu_info()}
     # real weights: the whole validation set; random weights (nothing to gate): the first phantoms
     samples = validation_set() if gate_dice else validation_set()[:RANDOM_WEIGHT_SAMPLES]
-    dices, iou_diffs, logit_diffs, boxes = [], [], [], 0
+    dices, iou_diffs, logit_diffs, boxes, per_sample = [], [], [], 0, []
     worst = ("", 1.0)
     fp32_results = {} if fp32_results is None else fp32_results
     ref = None  # the fp32 sessions, created only if some prediction is not cached yet
@@ -155,13 +156,14 @@ def check_variant(
             ref = ref or MedSAM(p, fp32["encoder"], fp32["decoder"], model_id="gate-fp32")
             fp32_results[sample.name] = ref.predict(sample.image, sample.boxes)
         r, v = fp32_results[sample.name], var.predict(sample.image, sample.boxes)
-        for k in range(len(sample.boxes)):
-            d = dice(v.masks[k], r.masks[k])
-            dices.append(d)
+        sample_dices = [dice(v.masks[k], r.masks[k]) for k in range(len(sample.boxes))]
+        for k, d in enumerate(sample_dices):
             if d < worst[1]:
                 worst = (f"{sample.name}, box {k}", d)
+        dices += sample_dices
         iou_diffs.append(float(np.abs(v.scores - r.scores).max()))
         logit_diffs.append(float(np.abs(v.low_res_logits - r.low_res_logits).max()))
+        per_sample.append({"name": sample.name, "min_dice": min(sample_dices), "iou_diff": iou_diffs[-1]})
         boxes += len(sample.boxes)
     report = {
         "precision": precision,
@@ -175,6 +177,8 @@ def check_variant(
         "max_logit_diff": max(logit_diffs),
         "thresholds": {"min_dice": DICE_MIN[precision], "max_iou_diff": IOU_MAX_DIFF},
         "gated_on_dice": gate_dice,
+        "per_sample": per_sample,
+        "ran_on": cpu_info(),
     }
     if gate_dice and report["min_dice"] < DICE_MIN[precision]:
         raise GateError(precision, "mask Dice vs fp32", report["min_dice"], f">= {DICE_MIN[precision]}", worst[0])

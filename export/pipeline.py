@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from medsam_rt.errors import ExportError
+from medsam_rt.cpu import cpu_info
+from medsam_rt.errors import ExportError, GateError
 from medsam_rt.io import check_parent_writable
 from medsam_rt.manifest import MANIFEST_NAME, METADATA_PREFIX, ROLES, SCHEMA_VERSION
 from medsam_rt.providers import physical_cores
@@ -26,6 +27,7 @@ from .optimize import convert_fp16, export_friendly, optimize, quantize_int8
 from .parity import check_parity, check_variant
 from .postprocess_graph import write_postprocess_graph
 from .sources import DEFAULT_MODEL, load_source
+from .steps import StepLog
 from .util import sha256_file
 
 DEFAULT_OPSET = 18
@@ -107,7 +109,8 @@ def export_model(
     model: str = DEFAULT_MODEL,
     *,
     opset: int = DEFAULT_OPSET,
-    precisions: str | tuple[str, ...] = DEFAULT_PRECISIONS,
+    precisions: str | tuple[str, ...] | None = None,
+    strict: bool | None = None,
     random_weights: bool = False,
     arch: str = "vit-base",
     force: bool = False,
@@ -119,66 +122,94 @@ def export_model(
     requested precision and checked again (each variant's gate); only then is anything written, and the
     directory appears complete (built in a temporary sibling and renamed).
 
+    Args:
+        precisions: variants to build (default :data:`DEFAULT_PRECISIONS`); fp32 is always built.
+        strict: whether a variant that fails its gate fails the export. Default: only when ``precisions`` was
+            given. Otherwise (degrade, don't die) the variant is left out, and the manifest's
+            ``failed_precisions`` records which one failed and why. fp32's parity against PyTorch always counts.
+
     Raises:
         ExportError: the model cannot be loaded or exported, ``out`` is unusable.
-        ParityError: a graph fails its parity gate (nothing is written).
+        ParityError: the fp32 graphs fail parity, or (strict) a variant fails its gate; nothing is written.
     """
     out = Path(out)
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(
             f"--opset {opset} is not supported; expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
         )
-    precisions = parse_precisions(precisions)
+    strict = precisions is not None if strict is None else strict
+    precisions = parse_precisions(DEFAULT_PRECISIONS if precisions is None else precisions)
     _check_out_dir(out, force)
     torch.set_num_threads(physical_cores())
+    steps = StepLog()
     log(f"loading {'random ' + arch if random_weights else model}")
-    source = load_source(model, random_weights=random_weights, arch=arch)
+    with steps.step("load"):
+        source = load_source(model, random_weights=random_weights, arch=arch)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     try:
         raw = {role: tmp / f"raw.{role}.onnx" for role in ROLES}
-        _export_raw(source, raw, opset, log)
+        _export_raw(source, raw, opset, log, steps)
         fp32 = {role: tmp / f"{role}.fp32.onnx" for role in ROLES}
         log("optimising the graphs (fusions, constant folding)")
-        optimization = {role: optimize(raw[role], fp32[role]) for role in ROLES}
+        with steps.step("optimise"):
+            optimization = {role: optimize(raw[role], fp32[role]) for role in ROLES}
         log("checking parity against PyTorch")
-        parity = check_parity(source.reference, str(fp32["encoder"]), str(fp32["decoder"]), source.preprocessing)
+        with steps.step("parity fp32 vs PyTorch"):
+            parity = check_parity(source.reference, str(fp32["encoder"]), str(fp32["decoder"]), source.preprocessing)
         worst = {r: max(e["max_abs_diff"] for e in parity if e["graph"].startswith(r)) for r in ROLES}
-        log(f"parity ok: max abs diff encoder {worst['encoder']:.2e}, decoder {worst['decoder']:.2e} (tolerance 1e-3)")
+        log(f"parity ok: max abs diff encoder {worst['encoder']:.2e}, decoder {worst['decoder']:.2e}")
 
         gate_dice = not source.info["random_weights"]
         files: dict[str, dict[str, Path]] = {"fp32": fp32}
         conversion: dict[str, Any] = {}
         gates: dict[str, Any] = {}
+        failed: dict[str, Any] = {}
         fp32_results: dict[str, Any] = {}  # fp32 predictions on the validation set, shared by the gates
         for precision in precisions:
-            if precision == "fp16":
-                files["fp16"] = {role: tmp / f"{role}.fp16.onnx" for role in ROLES}
-                conversion["fp16"] = {role: convert_fp16(fp32[role], files["fp16"][role]) for role in ROLES}
-            elif precision == "int8":
-                files["int8"] = {
-                    "encoder": tmp / "encoder.int8.onnx",
-                    "decoder": tmp / ("decoder.int8.onnx" if INT8_DECODER else "decoder.fp32.onnx"),
-                }
-                conversion["int8"] = {"encoder": quantize_int8(fp32["encoder"], files["int8"]["encoder"])}
-                if INT8_DECODER:
-                    conversion["int8"]["decoder"] = quantize_int8(fp32["decoder"], files["int8"]["decoder"])
-                else:
-                    conversion["int8"]["decoder"] = {"note": "fp32 decoder (quantising it bought nothing)"}
+            with steps.step(f"convert {precision}"):
+                files[precision], converted = _convert(precision, fp32, tmp)
+            if converted:
+                conversion[precision] = converted
             log(f"{precision} gate: extreme inputs" + (" and validation images vs fp32" if precision != "fp32" else ""))
-            gates[precision] = check_variant(
-                precision, source.preprocessing, fp32, files[precision], gate_dice, fp32_results
-            )
+            try:
+                with steps.step(f"gate {precision}"):
+                    gates[precision] = check_variant(
+                        precision, source.preprocessing, fp32, files[precision], gate_dice, fp32_results
+                    )
+            except GateError as exc:
+                if strict or precision == "fp32":
+                    raise
+                failed[precision] = {
+                    "metric": exc.metric,
+                    "value": exc.value,
+                    "bound": exc.bound,
+                    "where": exc.where,
+                    "message": str(exc),
+                    "ran_on": cpu_info(),
+                }
+                del files[precision]
+                conversion.pop(precision, None)
+                log(f"{precision} left out: {exc}")
+                continue
             if precision != "fp32":
                 log(f"{precision} gate: {_gate_summary(gates[precision])}")
 
-        shipped = {p: files[p] for p in precisions}
+        shipped = {p: files[p] for p in precisions if p in files}
         keep = {path for graphs in shipped.values() for path in graphs.values()}
         for path in tmp.glob("*.onnx"):
             if path not in keep:
                 path.unlink()
-        manifest = _write_metadata(source, shipped, parity, gates, optimization, conversion, opset)
-        manifest["postprocess_graph"] = write_postprocess_graph(tmp, opset)  # optional: masks made on the GPU
+        with steps.step("metadata"):
+            manifest = _write_metadata(source, shipped, parity, gates, optimization, conversion, opset)
+            manifest["postprocess_graph"] = write_postprocess_graph(tmp, opset)  # optional: masks made on the GPU
+            check = _write_check_sample(tmp, gates, fp32_results, gate_dice)
+            if check is not None:
+                manifest["check_sample"] = check
+        if failed:
+            manifest["failed_precisions"] = failed
+        manifest["exported_on"] = cpu_info()
+        manifest["export_steps"] = steps.steps
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -187,8 +218,71 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out} ({', '.join(precisions)})")
+    log(f"steps: {steps.summary()}")
+    log(f"wrote {out} ({', '.join(shipped)})" + (f"; left out: {', '.join(failed)}" if failed else ""))
     return out
+
+
+def _convert(precision: str, fp32: dict[str, Path], tmp: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The variant's graph files (fp32 is itself) and their conversion reports."""
+    if precision == "fp32":
+        return fp32, {}
+    if precision == "fp16":
+        paths = {role: tmp / f"{role}.fp16.onnx" for role in ROLES}
+        return paths, {role: convert_fp16(fp32[role], paths[role]) for role in ROLES}
+    paths = {
+        "encoder": tmp / "encoder.int8.onnx",
+        "decoder": tmp / ("decoder.int8.onnx" if INT8_DECODER else "decoder.fp32.onnx"),
+    }
+    report = {"encoder": quantize_int8(fp32["encoder"], paths["encoder"])}
+    if INT8_DECODER:
+        report["decoder"] = quantize_int8(fp32["decoder"], paths["decoder"])
+    else:
+        report["decoder"] = {"note": "fp32 decoder (quantising it bought nothing)"}
+    return paths, report
+
+
+#: The check sample: at most this many validation images, each at most this many pixels on its longer side.
+CHECK_SAMPLES = 3
+CHECK_MAX_SIDE = 768
+
+
+def _write_check_sample(
+    tmp: Path, gates: dict[str, Any], fp32_results: dict[str, Any], gated: bool
+) -> dict[str, Any] | None:
+    """Write ``check_sample.npz`` for the load-time check of the reduced-precision variants
+    (:mod:`medsam_rt.checks`): the validation images on which the variants came closest to failing their gate
+    (lowest per-box Dice vs fp32, then largest IoU-score difference), with the fp32 masks and scores.
+    ``None`` when no reduced-precision variant passed its gate."""
+    from medsam_rt.checks import CHECK_SAMPLE_FILE, CheckCase, write_check_sample
+    from medsam_rt.samples import validation_set
+
+    variants = [p for p in gates if p != "fp32" and "per_sample" in gates[p]]
+    if not variants:
+        return None
+    margin: dict[str, tuple[float, float]] = {}
+    for p in variants:
+        for row in gates[p]["per_sample"]:
+            d, i = margin.get(row["name"], (1.0, 0.0))
+            margin[row["name"]] = (min(d, row["min_dice"]), max(i, row["iou_diff"]))
+    samples = {s.name: s for s in validation_set() if s.name in margin and max(s.image.shape[:2]) <= CHECK_MAX_SIDE}
+    chosen = sorted(samples, key=lambda n: (margin[n][0], -margin[n][1]))[:CHECK_SAMPLES]
+    cases = []
+    for name in chosen:
+        ref = fp32_results[name]
+        cases.append(CheckCase(name, samples[name].image, ref.boxes, ref.masks, ref.scores))
+    path = tmp / CHECK_SAMPLE_FILE
+    write_check_sample(path, cases)
+    return {
+        "file": CHECK_SAMPLE_FILE,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "samples": chosen,
+        "precisions": variants,
+        "gated": gated,
+        "thresholds": {p: gates[p]["thresholds"] for p in variants},
+        "rule": "the validation images closest to failing the variants' gates (lowest Dice, then IoU-score diff)",
+    }
 
 
 def _gate_summary(gate: dict[str, Any]) -> str:
@@ -199,31 +293,33 @@ def _gate_summary(gate: dict[str, Any]) -> str:
     )
 
 
-def _export_raw(source: Any, paths: dict[str, Path], opset: int, log: Callable[[str], None]) -> None:
+def _export_raw(source: Any, paths: dict[str, Path], opset: int, log: Callable[[str], None], steps: StepLog) -> None:
     size = source.preprocessing["pad_size"]
     with export_friendly(source.model):
         log("exporting the image encoder")
-        export_graph(
-            source.encoder,
-            (torch.zeros(1, 3, *size),),
-            paths["encoder"],
-            list(ENCODER_INPUTS),
-            list(ENCODER_OUTPUTS),
-            None,
-            opset,
-        )
+        with steps.step("export encoder"):
+            export_graph(
+                source.encoder,
+                (torch.zeros(1, 3, *size),),
+                paths["encoder"],
+                list(ENCODER_INPUTS),
+                list(ENCODER_OUTPUTS),
+                None,
+                opset,
+            )
         log("exporting the prompt encoder + mask decoder")
         n_boxes = torch.export.Dim("num_boxes", min=1, max=4096)
         trace_boxes = torch.tensor([[10.0, 20.0, 100.0, 140.0], [50.0, 60.0, 200.0, 220.0]]) * (size[0] / 256)
-        export_graph(
-            source.decoder,
-            (torch.zeros(1, source.embed_channels, 64, 64), trace_boxes),
-            paths["decoder"],
-            list(DECODER_INPUTS),
-            list(DECODER_OUTPUTS),
-            {"image_embeddings": None, "boxes": {0: n_boxes}},
-            opset,
-        )
+        with steps.step("export decoder"):
+            export_graph(
+                source.decoder,
+                (torch.zeros(1, source.embed_channels, 64, 64), trace_boxes),
+                paths["decoder"],
+                list(DECODER_INPUTS),
+                list(DECODER_OUTPUTS),
+                {"image_embeddings": None, "boxes": {0: n_boxes}},
+                opset,
+            )
 
 
 def _write_metadata(

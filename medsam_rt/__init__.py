@@ -15,6 +15,7 @@ from .errors import (
     MedSAMError,
     ModelDirError,
     ParityError,
+    PrecisionCheckError,
     ProviderUnavailableError,
 )
 from .model import ImageEmbedding, MedSAM, Segmentation
@@ -31,6 +32,7 @@ __all__ = [
     "MedSAMError",
     "ModelDirError",
     "ParityError",
+    "PrecisionCheckError",
     "ProviderUnavailableError",
     "Segmentation",
     "__version__",

@@ -196,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--precision",
-        default="fp32,fp16",
+        default=None,
         metavar="LIST",
-        help="comma-separated subset of fp32,fp16,int8 (default: %(default)s); fp16 targets GPUs, "
-        "int8 (dynamic, MatMul weights) CPUs",
+        help="comma-separated subset of fp32,fp16,int8 (default: fp32,fp16, where a variant that fails its gate "
+        "is left out with a warning; a variant named here must pass); fp16 targets GPUs, int8 (dynamic u8u8, "
+        "MatMul weights) CPUs",
     )
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -342,7 +343,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         from medsam_rt_export import export_model
-        from medsam_rt_export.pipeline import parse_precisions
+        from medsam_rt_export.pipeline import DEFAULT_PRECISIONS, parse_precisions
     except ImportError as exc:
         raise UsageError(
             f"'medsam-rt export' needs the export extra (pip install 'medsam-rt[export]'): {exc}"
@@ -350,7 +351,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     # one log line per step: loading, 2 graph exports, optimisation, parity (2), a gate per precision, "wrote"
-    steps = 7 + sum(1 if p == "fp32" else 2 for p in parse_precisions(args.precision))
+    precisions = parse_precisions(args.precision or DEFAULT_PRECISIONS)
+    steps = 7 + sum(1 if p == "fp32" else 2 for p in precisions)
     with Progress(steps, "export", enabled=not args.quiet) as bar:
         if args.quiet:
             log = lambda msg: None  # noqa: E731
@@ -370,6 +372,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     if bar.enabled:
         print(f"medsam-rt export: wrote {args.out}", file=sys.stderr)
+    from .manifest import load_manifest
+
+    for precision, why in load_manifest(args.out).raw.get("failed_precisions", {}).items():
+        print(f"medsam-rt: warning: {precision} left out: {why['message']}", file=sys.stderr)
     return 0
 
 

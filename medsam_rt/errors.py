@@ -24,6 +24,17 @@ class ModelDirError(MedSAMError, ValueError):
     """A model directory is missing files, has an unknown manifest or inconsistent graphs."""
 
 
+class PrecisionCheckError(ModelDirError):
+    """A reduced-precision variant failed its load-time check on this CPU (see :mod:`medsam_rt.checks`).
+
+    Attributes: ``precision``, ``metric`` (what was compared), ``value`` and ``bound`` (what it had to meet).
+    """
+
+    def __init__(self, message: str, *, precision: str, metric: str, value: object, bound: str) -> None:
+        self.precision, self.metric, self.value, self.bound = precision, metric, value, bound
+        super().__init__(message)
+
+
 class EmbeddingMismatchError(MedSAMError, ValueError):
     """An :class:`ImageEmbedding` was made by another model than the one asked to decode it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cpu import describe_cpu
 from .manifest import Manifest
 
 
@@ -34,6 +35,16 @@ def describe(manifest: Manifest) -> str:
         conversion = raw["graphs"]["encoder"][precision].get("conversion")
         if conversion:
             lines.append(f"        encoder conversion: {_flat(conversion)}")
+    for precision, why in raw.get("failed_precisions", {}).items():
+        lines.append(f"  {precision:5s} LEFT OUT: {why.get('message', why)}")
+    check = raw.get("check_sample")
+    if check:
+        lines.append(
+            f"  load-time check: {len(check['samples'])} images ({', '.join(check['samples'])}), run once per CPU "
+            f"class for {', '.join(check['precisions'])}"
+        )
+    if raw.get("exported_on"):
+        lines.append(f"  gates ran on: {describe_cpu(raw['exported_on'])}")
     lines.append("")
     lines.append("preprocessing")
     for key, value in raw["preprocessing"].items():

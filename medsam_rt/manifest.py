@@ -8,8 +8,6 @@ document (README "Model directory") and the code cannot drift apart.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from typing import Any
 
 from .errors import ModelDirError
 from .preprocess import Preprocessing
+from .records import put_record, read_records, record_path
 from .util import sha256_file
 
 SCHEMA_VERSION = 1
@@ -158,43 +157,12 @@ _verified_lock = threading.Lock()
 def verify_cache_path() -> Path | None:
     """Where fast-path records persist: ``$MEDSAM_RT_VERIFY_CACHE``, else ``$XDG_CACHE_HOME`` or
     ``~/.cache`` + ``/medsam-rt/verified.json``; ``None`` when disabled (the variable is empty or ``off``)."""
-    env = os.environ.get(VERIFY_CACHE_ENV)
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "medsam-rt" / "verified.json"
+    return record_path(VERIFY_CACHE_ENV, "verified.json")
 
 
 def _stat_key(path: Path) -> tuple[str, list[Any]]:
     st = path.stat()
     return str(path.resolve()), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _read_records(file: Path | None) -> dict[str, list[Any]]:
-    if file is None:
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        return {str(k): list(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return {}
-
-
-def _write_records(file: Path | None, records: dict[str, list[Any]]) -> None:
-    """Persist records (atomically, newest last, bounded); any failure is ignored: the cache is an optimisation."""
-    if file is None:
-        return
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        items = list(records.items())[-_VERIFY_CACHE_ENTRIES:]
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(dict(items), fh)
-        os.replace(tmp, file)
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def verify_graph(entry: GraphEntry, *, full: bool = False) -> bool:
@@ -226,7 +194,7 @@ def verify_graph(entry: GraphEntry, *, full: bool = False) -> bool:
         with _verified_lock:
             if _verified.get(key) == record:
                 return False
-        if _read_records(file).get(key) == record:
+        if read_records(file).get(key) == record:
             with _verified_lock:
                 _verified[key] = record
             return False
@@ -238,10 +206,7 @@ def verify_graph(entry: GraphEntry, *, full: bool = False) -> bool:
         )
     with _verified_lock:
         _verified[key] = record
-    records = _read_records(file)
-    records.pop(key, None)
-    records[key] = record
-    _write_records(file, records)
+    put_record(file, key, record, _VERIFY_CACHE_ENTRIES)
     return True
 
 

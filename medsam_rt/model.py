@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .cache import EmbeddingCache, image_digest, model_digest
+from .checks import precision_check, refusal, warn_fallback
 from .cuda import (
     DEFAULT_BUCKETS,
     BoundRunner,
@@ -23,7 +24,7 @@ from .cuda import (
     resolve_options,
     stored_value,
 )
-from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError
+from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError, PrecisionCheckError
 from .io import read_image
 from .manifest import Manifest, check_graph_metadata, load_manifest, verify_graph
 from .postprocess import sigmoid, upscale_logits
@@ -142,6 +143,8 @@ class MedSAM:
         self.manifest = manifest
         self.device = device
         self.precision = precision
+        #: the load-time check of a reduced-precision variant on this CPU (:mod:`medsam_rt.checks`), or ``None``
+        self.precision_check: dict[str, Any] | None = None
         self.preprocessing = preprocessing
         self._model_id = model_id
         self._paths = {"encoder": Path(encoder_path), "decoder": Path(decoder_path)}
@@ -193,6 +196,11 @@ class MedSAM:
         the user's cache directory, is not hashed again) and that each graph's metadata names the manifest's
         model, preprocessing, role and precision.
 
+        An int8 or fp16 variant is also checked where it runs: the first time it is loaded on a CPU class not seen
+        before for these graph files, it segments the directory's check sample and must match the stored fp32
+        results within the export gate's bounds (:mod:`medsam_rt.checks`; remembered per CPU class, so later loads
+        skip it). With ``precision="auto"`` a variant that fails falls back to fp32 (logged once).
+
         Args:
             model_dir: directory written by ``medsam-rt export``.
             device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
@@ -216,10 +224,30 @@ class MedSAM:
                 truncated, edited, swapped or from another export (the message names the file).
             ProviderUnavailableError: the device is not available (or, with ``verify`` on CUDA, nodes fell back).
             OptionSetError: an unknown option set name.
+            PrecisionCheckError: the requested int8/fp16 variant failed its check on this CPU.
         """
         manifest = load_manifest(Path(model_dir))
         device = resolve_device(device)
-        precision = manifest.choose_precision(precision, device)
+        chosen = manifest.choose_precision(precision, device)
+        try:
+            return cls._load_variant(manifest, device, chosen, threads, verify, cache, cuda_options)
+        except PrecisionCheckError as exc:
+            if precision != "auto":
+                raise
+            warn_fallback(manifest, exc)
+            return cls._load_variant(manifest, device, "fp32", threads, verify, cache, cuda_options)
+
+    @classmethod
+    def _load_variant(
+        cls,
+        manifest: Manifest,
+        device: str,
+        precision: str,
+        threads: int | None,
+        verify: bool,
+        cache: CacheArg,
+        cuda_options: str | CudaOptions | None,
+    ) -> MedSAM:
         enc, dec = manifest.graph("encoder", precision), manifest.graph("decoder", precision)
         for entry in (enc, dec):
             verify_graph(entry, full=verify)
@@ -244,6 +272,10 @@ class MedSAM:
         if verify and device != "cpu":
             for placement in model.node_placement().values():
                 placement.check()
+        report = precision_check(model, manifest, device)
+        model.precision_check = report
+        if report is not None and not report["passed"]:
+            raise refusal(manifest, precision, report)
         return model
 
     @property

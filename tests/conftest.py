@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# load-time precision checks remembered in this process only (tests that test the record file set their own)
+os.environ.setdefault("MEDSAM_RT_CHECK_CACHE", "off")
 
 # A second processor config that differs from SamImageProcessor's defaults in every knob medsam-rt reads.
 CUSTOM_PROCESSOR = dict(
