@@ -150,14 +150,11 @@ def segment_volume(
                 f"3-D box {i} is under one pixel in the model's {p.pad_size[1]}x{p.pad_size[0]} input frame "
                 f"({x0:g}, {y0:g}, {x1:g}, {y1:g} there); draw a larger box"
             )
-    z_lo, z_hi = boxes[:, 2].astype(int), boxes[:, 5].astype(int)
-    z_mid = ((z_hi - z_lo) / 2 + z_lo).astype(int)  # the reference's int((z_max - z_min)/2 + z_min), floats alike
-
+    z_lo, z_mid, z_hi = slice_ranges(boxes)
     labels = np.zeros((d, h, w), label_dtype(n))
     prompts = np.full((n, d, 4), np.nan, np.float32)
     scores = np.full((n, d), np.nan, np.float32)
-    up = [z for z in range(int(z_mid.min()), int(z_hi.max()) + 1) if ((z_mid <= z) & (z <= z_hi)).any()]
-    down = [z for z in range(int(z_mid.max()) - 1, int(z_lo.min()) - 1, -1) if ((z_lo <= z) & (z < z_mid)).any()]
+    up, down = sweeps(boxes)
     both = set(up) & set(down)
     kept = EmbeddingCache(default_max_bytes() if cache_bytes is None else cache_bytes)
     counts = {"encoded": 0, "reused": 0}
@@ -195,7 +192,7 @@ def segment_volume(
                 for j, k in enumerate(active):
                     prompts[k, z], scores[k, z] = frame[j], result.scores[j]
                     box = propagated_box(masks[j], min(k + 1, 255), (h, w), resized, p.pad_size)
-                    np.copyto(plane, k + 1, where=masks[j] & (plane < k + 1))  # the largest label wins
+                    paint_label(plane, masks[j], k + 1)
                     if box is None and stop_when_empty:
                         stopped[k] = True
                     pending[k] = box
@@ -207,6 +204,47 @@ def segment_volume(
                 on_slice(z, steps)
     kept.clear()
     return VolumeSegmentation(labels, boxes, prompts, scores, counts["encoded"], counts["reused"])
+
+
+def overlay_volume(volume: np.ndarray, result: VolumeSegmentation) -> np.ndarray:
+    """A grid with, per object, its ``z_mid`` slice: every object's mask there and the boxes of the objects that
+    span the slice (colours by label); uint8 ``(H', W', 3)``."""
+    from .overlay import overlay_figure, overlay_grid
+    from .preprocess import to_rgb_uint8
+
+    n = len(result.boxes3d)
+    z_lo, z_mid, z_hi = slice_ranges(result.boxes3d)
+    off = np.full(4, -10.0)  # drawn outside the image: objects that do not span the slice
+    figures, names = [], []
+    for k in range(n):
+        z = int(z_mid[k])
+        boxes = np.stack([result.boxes3d[j, [0, 1, 3, 4]] if z_lo[j] <= z <= z_hi[j] else off for j in range(n)])
+        masks = np.stack([result.labels[z] == j + 1 for j in range(n)])
+        figures.append(overlay_figure(to_rgb_uint8(volume[z]), boxes, masks))
+        names.append(f"object {k + 1}, slice {z}")
+    return figures[0] if n == 1 else overlay_grid(figures, names)
+
+
+def slice_ranges(boxes3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int ``(N,)`` arrays ``z_min``, ``z_mid``, ``z_max`` of validated 3-D boxes; ``z_mid`` as the reference's
+    ``int((z_max - z_min) / 2 + z_min)``."""
+    z_lo, z_hi = boxes3d[:, 2].astype(int), boxes3d[:, 5].astype(int)
+    return z_lo, ((z_hi - z_lo) / 2 + z_lo).astype(int), z_hi
+
+
+def sweeps(boxes3d: np.ndarray) -> tuple[list[int], list[int]]:
+    """The slices of the upward sweep (ascending: some object's ``z_mid .. z_max``) and of the downward sweep
+    (descending: some object's ``z_mid - 1 .. z_min``) for validated 3-D boxes."""
+    z_lo, z_mid, z_hi = slice_ranges(boxes3d)
+    up = [z for z in range(int(z_mid.min()), int(z_hi.max()) + 1) if ((z_mid <= z) & (z <= z_hi)).any()]
+    down = [z for z in range(int(z_mid.max()) - 1, int(z_lo.min()) - 1, -1) if ((z_lo <= z) & (z < z_mid)).any()]
+    return up, down
+
+
+def paint_label(plane: np.ndarray, mask: np.ndarray, label: int) -> None:
+    """Write ``label`` where ``mask`` is set and the plane holds a smaller label (in place): painting every
+    object this way in any order gives the reference's "later objects over earlier ones"."""
+    np.copyto(plane, label, where=mask & (plane < label))
 
 
 def propagated_box(
@@ -341,6 +379,10 @@ __all__ = [
     "PhantomVolume",
     "VolumeSegmentation",
     "ellipsoid_phantom",
+    "overlay_volume",
+    "paint_label",
+    "slice_ranges",
+    "sweeps",
     "label_dtype",
     "propagated_box",
     "segment_volume",
