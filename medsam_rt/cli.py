@@ -33,6 +33,13 @@ EXAMPLES_SEGMENT = """examples:
   medsam-rt segment models/litemedsam mr.dcm --window file --box 40,30,90,80 --out mask.png
   medsam-rt segment models/litemedsam volume.nii.gz --slices 40:60 --box 100,80,160,150 --out labels.nii.gz
   medsam-rt segment models/litemedsam volume.nii.gz --boxes boxes.csv --out labels.nii.gz --json
+  medsam-rt segment models/litemedsam ct-series/ --box3d 120,90,30,200,170,58 --out liver.nii.gz
+  medsam-rt segment models/litemedsam ct-series/ --series 1.2.840.1 --box3d 120,90,30,200,170,58 \\
+      --box3d 300,200,10,350,260,25 --out labels.nii.gz --overlay figure.png --json
+
+3-D boxes (--box3d X0,Y0,Z0,X1,Y1,Z1): x, y in the slices' pixels, z slice indices (both included); each is
+propagated from its middle slice up and down as LiteMedSAM's CVPR24 script does (see docs/volumes.md).
+A folder is read as one DICOM series (sorted along the slice normal, checked for gaps and duplicates).
 
 boxes: X0,Y0,X1,Y1 in the displayed slice's pixels (x = column, y = row, end exclusive). A --boxes file
 has one box per line, 'X0,Y0,X1,Y1' (every slice) or 'SLICE,X0,Y0,X1,Y1'; '#' starts a comment.
@@ -216,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "image",
         type=Path,
         metavar="IMAGE",
-        help="PNG/JPEG/TIFF (8/16-bit, gray/RGB/RGBA), DICOM (.dcm) or NIfTI (.nii, .nii.gz)",
+        help="PNG/JPEG/TIFF (8/16-bit, gray/RGB/RGBA), DICOM (.dcm), a folder of DICOM files (one series) "
+        "or NIfTI (.nii, .nii.gz)",
     )
     sg.add_argument(
         "--box",
@@ -259,6 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write an overlay figure, window applied (a grid of slices for a range)",
     )
     _add_runtime_args(sg, "auto", "fp16 on CUDA, int8 on CPU when exported, else fp32")
+    sg.add_argument(
+        "--box3d",
+        action="append",
+        type=_parse_box3d,
+        default=[],
+        metavar="X0,Y0,Z0,X1,Y1,Z1",
+        help="3-D box over slices Z0..Z1 (both included), propagated through the volume; repeat for more objects "
+        "(label k = k-th box); writes a label volume (.nii, .nii.gz, .npz, .npy)",
+    )
+    sg.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read when a folder holds several")
+    sg.add_argument(
+        "--stop-when-empty",
+        action="store_true",
+        help="with --box3d: end a direction once the mask vanishes (default: the original box again, as the "
+        "CVPR24 reference)",
+    )
     sg.add_argument("--json", action="store_true", help="print boxes, scores, areas (mm², mm³ when known) as JSON")
     sg.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
 
@@ -307,7 +331,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Python with optimum-onnx (it pins transformers < 4.58) to export the optimum baseline row "
         "(SamModel checkpoints; cached in ~/.cache/medsam-rt/optimum)",
     )
+    ch = _command_with_model_dir(
+        sub,
+        "challenge",
+        "run a folder of CVPR24 'MedSAM on laptop' npz cases (2-D and 3-D), with a time table",
+        "Segment every INPUT_DIR/*.npz case as the challenge does (names starting with 3D: volumes with 3-D boxes; "
+        "others: 2-D images with boxes) and write OUTPUT_DIR/<same name> with 'segs', and OUTPUT_DIR/efficiency.csv "
+        "with each case's seconds.",
+        "examples:\n  medsam-rt challenge models/litemedsam imgs/ segs/\n"
+        "  medsam-rt metrics segs/ gts/ --csv metrics.csv",
+    )
+    ch.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder of case .npz files")
+    ch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="folder for the predictions (created)")
+    ch.add_argument("--stop-when-empty", action="store_true", help="3-D: end a direction once the mask vanishes")
+    _add_runtime_args(ch, "fp32", "the challenge's reference runs fp32")
+    ch.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    mt = sub.add_parser(
+        "metrics",
+        help="the CVPR24 challenge's DSC and NSD of predictions against ground truth (CSV + summary)",
+        description="Score PRED_DIR/<case>.npz ('segs') against GT_DIR/<case>.npz ('gts', and 'spacing' for 3-D): "
+        "DSC per label 1..max(gts), NSD at --tolerance mm with the case's spacing (2-D: unit spacing) for cases "
+        "whose mean DSC > 0.2, as the challenge's compute_metrics.py. Needs the 'metrics' extra (scipy, "
+        "scikit-image) for NSD.",
+        epilog="examples:\n  medsam-rt metrics segs/ gts/\n  medsam-rt metrics segs/ gts/ --csv metrics.csv --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mt.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of predicted .npz ('segs')")
+    mt.add_argument("gt_dir", type=Path, metavar="GT_DIR", help="folder of ground-truth .npz ('gts', 'spacing')")
+    mt.add_argument("--csv", type=Path, metavar="FILE", help="per case and label CSV (default: PRED_DIR/metrics.csv)")
+    mt.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: %(default)s)")
+    mt.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
+
+
+def _parse_box3d(text: str) -> list[float]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"3-D box {text!r} is not six numbers X0,Y0,Z0,X1,Y1,Z1") from None
+    if len(values) != 6:
+        raise argparse.ArgumentTypeError(f"3-D box {text!r} has {len(values)} numbers; expected X0,Y0,Z0,X1,Y1,Z1")
+    return values
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -426,13 +492,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .results import check_output, segment_scan, summary, write_result
 
+    if args.box3d:
+        return _cmd_segment_volume(args)
+    if args.stop_when_empty:
+        raise UsageError("--stop-when-empty applies to --box3d")
     _check_writable(args.out, "--out", OUTPUT_SUFFIXES)
     if args.overlay is not None:
         _check_writable(args.overlay, "--overlay", (".png",))
     value_window = parse_window(args.window)
     if args.frame is not None and args.image.name.lower().endswith((".nii", ".nii.gz")):
         raise UsageError("--frame is for multi-frame DICOM files; use --slice K for a NIfTI volume")
-    scan = read_scan(args.image, frame=args.frame, axis=args.axis)
+    scan = read_scan(args.image, frame=args.frame, axis=args.axis, series=args.series)
     plan = _plan_slices(args, scan)
     check_output(args.out, scan, len(plan))
     value_range = display_range(scan, value_window)
@@ -463,6 +533,102 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment_volume(args: argparse.Namespace) -> int:
+    """``segment --box3d``: one label volume from 3-D boxes (see medsam_rt.volume)."""
+    import numpy as np
+
+    from .formats import display_range, parse_window, read_scan, to_display
+    from .labelvolume import LABEL_VOLUME_SUFFIXES, volume_summary, write_label_volume
+    from .model import MedSAM
+    from .progress import Progress
+    from .volume import sweeps, validate_boxes3d
+
+    given = {"--box": args.box, "--boxes": args.boxes, "--slice": args.slice, "--slices": args.slices}
+    mixed = [flag for flag, value in {**given, "--frame": args.frame}.items() if value not in (None, [])]
+    if mixed:
+        raise UsageError(f"--box3d segments the whole volume; it does not combine with {', '.join(mixed)}")
+    _check_writable(args.out, "--out", LABEL_VOLUME_SUFFIXES)
+    if args.overlay is not None:
+        _check_writable(args.overlay, "--overlay", (".png",))
+    value_window = parse_window(args.window)
+    scan = read_scan(args.image, axis=args.axis, series=args.series)
+    if scan.values.ndim != 3:
+        raise UsageError(f"--box3d needs a gray-level volume; {args.image.name} has values {scan.values.shape}")
+    boxes = validate_boxes3d(args.box3d, scan.values.shape)  # before the model loads
+    value_range = display_range(scan, value_window)
+    volume = np.stack([to_display(scan.values[k], value_range) for k in range(scan.num_slices)])
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
+    steps = sum(len(s) for s in sweeps(boxes))
+    with Progress(steps, "segmenting", enabled=not args.quiet and steps > 1) as bar:
+        result = model.segment_volume(
+            volume, boxes, stop_when_empty=args.stop_when_empty, on_slice=lambda z, _: bar.update(note=f"slice {z}")
+        )
+    write_label_volume(args.out, scan, result.labels, extra={"boxes3d": boxes, "scores": result.scores})
+    if args.overlay is not None:
+        from .io import save_png
+        from .volume import overlay_volume
+
+        save_png(args.overlay, overlay_volume(volume, result))
+    info = volume_summary(scan, result)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        for row in info["objects"]:
+            size = f", {row['volume_mm3']} mm³" if "volume_mm3" in row else ""
+            print(
+                f"object {row['label']} box {row['box3d']}: slices {row['slices']}, {row['voxels']} voxels{size}, "
+                f"mean score {row['mean_score']}"
+            )
+        also = f" and {args.overlay}" if args.overlay else ""
+        print(f"wrote {args.out}{also} ({result.encoded} slice embeddings for {len(boxes)} object(s))")
+    if model.manifest.random_weights:
+        print("medsam-rt: warning: this model has RANDOM WEIGHTS; its masks are meaningless", file=sys.stderr)
+    return 0
+
+
+def _cmd_challenge(args: argparse.Namespace) -> int:
+    from .challenge import TIMES_FILE, run_challenge
+    from .model import MedSAM
+
+    model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
+
+    def report(run) -> None:
+        if not args.quiet:
+            print(f"{run.case}: {run.kind}, {run.objects} object(s), {run.encoded} encoded, {run.seconds:.2f} s")
+
+    runs = run_challenge(model, args.input_dir, args.output_dir, stop_when_empty=args.stop_when_empty, on_case=report)
+    if not args.quiet:
+        total = sum(r.seconds for r in runs)
+        print(f"{len(runs)} case(s), {total:.1f} s; times in {args.output_dir / TIMES_FILE}")
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from .metrics import evaluate, summary, write_csv
+
+    out = args.csv or args.pred_dir / "metrics.csv"
+    check_parent_writable(out, "--csv", UsageError)
+    if not args.tolerance > 0:
+        raise UsageError(f"--tolerance must be > 0 mm, got {args.tolerance}")
+    try:
+        scores = evaluate(args.pred_dir, args.gt_dir, tolerance=args.tolerance)
+    except ImportError as exc:
+        raise UsageError(f"NSD needs the metrics extra (pip install 'medsam-rt[metrics]'): {exc}") from None
+    write_csv(out, scores)
+    info = summary(scores)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for group, row in info.items():
+            dsc = "n/a" if row["dsc"] is None else f"{row['dsc']:.4f}"
+            nsd = "n/a" if row["nsd"] is None else f"{row['nsd']:.4f}"
+            notes = ("without_labels", "absent_labels", "missing_predictions")
+            extra = ", ".join(f"{row[k]} {k.replace('_', ' ')}" for k in notes if row[k])
+            print(f"{group}: {row['cases']} case(s), DSC {dsc}, NSD {nsd}" + (f" ({extra})" if extra else ""))
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
     from .manifest import load_manifest
@@ -483,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "info": _cmd_info,
             "demo": _cmd_demo,
             "bench": _cmd_bench,
+            "challenge": _cmd_challenge,
+            "metrics": _cmd_metrics,
         }
         return commands[args.command](args)
     except MedSAMError as exc:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .manifest import Manifest, check_graph_metadata, load_manifest, verify_grap
 from .postprocess import sigmoid, upscale_logits
 from .preprocess import Preprocessing, preprocess_image, resized_shape, scale_boxes, to_rgb_uint8, validate_boxes
 from .providers import NodePlacement, create_session, node_placement, resolve_device
+
+if TYPE_CHECKING:
+    from .volume import VolumeSegmentation
 
 #: ``cache=`` of :meth:`MedSAM.load`: ``True`` (default budget), ``False``/0 (none), a byte budget or a shared cache.
 CacheArg = bool | int | EmbeddingCache | None
@@ -315,21 +318,29 @@ class MedSAM:
                 emb.setflags(write=False)
         return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
 
-    def segment(self, embedding: ImageEmbedding, boxes: Any) -> Segmentation:
+    def segment(self, embedding: ImageEmbedding, boxes: Any, *, frame: str = "original") -> Segmentation:
         """Decode masks for boxes on an embedded image.
 
         Args:
             embedding: from :meth:`embed` of this model.
             boxes: ``(N, 4)`` (or four numbers) x0, y0, x1, y1 in original pixel
                 coordinates, ``0 <= x0 < x1 <= W``, ``0 <= y0 < y1 <= H``.
+            frame: ``"original"`` (default), or ``"encoder"``: ``boxes`` are already in the encoder's padded input
+                frame (``0 <= x0 < x1 <= pad_w``), passed to the decoder as given, as 3-D propagation derives them.
 
         Raises:
             InvalidBoxError: malformed or out-of-image boxes.
             EmbeddingMismatchError: the embedding came from another model or precision, or was altered.
         """
         self._check_embedding(embedding)
-        boxes = validate_boxes(boxes, embedding.original_size)
-        scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
+        if frame == "encoder":
+            boxes = validate_boxes(boxes, self.preprocessing.pad_size)
+            scaled = boxes.astype(np.float32)
+        elif frame == "original":
+            boxes = validate_boxes(boxes, embedding.original_size)
+            scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
+        else:
+            raise ValueError(f"frame must be 'original' or 'encoder', got {frame!r}")
         masks = None
         if self._runner is not None:  # masks too when the postprocessing graph made them on the device
             low_res, scores, masks = self._runner.decode(
@@ -412,6 +423,25 @@ class MedSAM:
         report["cuda_options"] = options.to_dict() if options is not None else None
         report["io_binding"] = self._runner.report() if self._runner is not None else None
         return report
+
+    def segment_volume(
+        self,
+        volume: np.ndarray,
+        boxes3d: Any,
+        *,
+        stop_when_empty: bool = False,
+        cache_bytes: int | None = None,
+        on_slice: Callable[[int, int], None] | None = None,
+    ) -> VolumeSegmentation:
+        """Segment objects in a ``(D, H, W)`` uint8 volume from one 3-D box each (``(N, 6)`` x_min, y_min, z_min,
+        x_max, y_max, z_max), propagating through the slices as LiteMedSAM's CVPR24 script does, each slice
+        embedded once: see :func:`medsam_rt.volume.segment_volume` (arguments, errors) and its
+        :class:`~medsam_rt.volume.VolumeSegmentation` result."""
+        from .volume import segment_volume
+
+        return segment_volume(
+            self, volume, boxes3d, stop_when_empty=stop_when_empty, cache_bytes=cache_bytes, on_slice=on_slice
+        )
 
     def predict(self, image: np.ndarray | str | os.PathLike[str], boxes: Any) -> Segmentation:
         """``segment(embed(image), boxes)`` in one call."""
