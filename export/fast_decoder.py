@@ -83,6 +83,20 @@ class Levers:
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @classmethod
+    def none(cls) -> Levers:
+        """Every lever off: SAM's own order of operations (tokens-major, single mask), for measurements."""
+        return cls(
+            fold_token_to_image=False,
+            fold_image_to_token_out=False,
+            fold_image_to_token_query=False,
+            share_first_block=0,
+            final_two_queries=False,
+            fold_biases=False,
+            norm_2d=False,
+            upscale="convtranspose",
+        )
+
 
 @dataclass(frozen=True)
 class _Parts:
@@ -197,6 +211,24 @@ class FastBoxDecoder(nn.Module):
         self.hyper = _Linear.stack(hyper)
         iou, self.iou_sigmoid = parts.iou_head
         self.iou = _Linear.stack(iou, last_rows=1)  # single-mask output: only mask 0's IoU estimate
+        self.dims = _Dims(
+            c=c,
+            tokens=parts.output_tokens.shape[0] + 2,
+            image_tokens=self.grid_h * self.grid_w,
+            heads=self.blocks[0].t2i.h,
+            cross=self.blocks[0].t2i.h * self.blocks[0].t2i.d,
+            self_attn=self.blocks[0].self_attn.h * self.blocks[0].self_attn.d,
+            mlp=self.blocks[0].mlp.w0.shape[0],
+            blocks=len(self.blocks),
+            up1=conv1.weight.shape[1],
+            up2=conv2.weight.shape[1],
+            hyper=[w.shape[1] for w in (getattr(self.hyper, f"w{i}") for i in range(self.hyper.n))],
+            iou=[w.shape[1] for w in (getattr(self.iou, f"w{i}") for i in range(self.iou.n))],
+        )
+
+    def macs(self, n: int) -> int:
+        """Multiply-adds of one call with ``n`` boxes, as this module computes it (see :func:`decoder_macs`)."""
+        return decoder_macs(self.dims, n, self.levers)
 
     # -- construction from the two families --------------------------------------------------------------------
 
@@ -307,6 +339,67 @@ class FastBoxDecoder(nn.Module):
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
         m = m.reshape(n, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
         return m.reshape(n, 1, 4 * h, 4 * w)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """A SAM decoder's sizes: width C, prompt tokens T (7), image tokens L (4096), cross-attention heads and inner
+    width, self-attention inner width, token-MLP width, blocks, upscaling channels, head-MLP layer inputs."""
+
+    c: int
+    tokens: int
+    image_tokens: int
+    heads: int
+    cross: int
+    self_attn: int
+    mlp: int
+    blocks: int
+    up1: int
+    up2: int
+    hyper: list[int]
+    iou: list[int]
+
+
+def decoder_macs(dims: _Dims, n: int, levers: Levers | None) -> int:
+    """Multiply-adds (matrix products only) of one decoder call with ``n`` boxes.
+
+    ``levers=None``: SAM's own order (the library decoder: every projection of the L image tokens, all
+    ``T - 2`` mask tokens upscaled and predicted); otherwise :class:`FastBoxDecoder` with these levers.
+    """
+    c, t, L, h, ci, cs = dims.c, dims.tokens, dims.image_tokens, dims.heads, dims.cross, dims.self_attn
+    masks = 1 if levers is not None else t - 3
+    tokens = dims.blocks * (t * c * cs * 4 + 2 * t * t * cs + 2 * t * c * dims.mlp + 2 * t * c * ci)
+    heads = masks * sum(i * o for i, o in zip(dims.hyper, [*dims.hyper[1:], dims.up2], strict=True))
+    heads += sum(i * o for i, o in zip(dims.iou, [*dims.iou[1:], masks], strict=True))
+    upscale = L * c * 4 * dims.up1 + 4 * L * dims.up1 * 4 * dims.up2 + masks * 16 * L * dims.up2
+    per_call, per_box = 0, tokens + heads + upscale
+    if levers is None:
+        t2i = 2 * L * c * ci + 2 * t * L * ci + 2 * t * c * ci
+        i2t = 2 * L * c * ci + 2 * t * L * ci
+        return n * (per_box + (dims.blocks + 1) * t2i + dims.blocks * i2t)
+    shared = levers.share_first_block > 0 and n >= levers.share_first_block
+    for block in range(dims.blocks + 1):
+        first, final = block == 0, block == dims.blocks
+        tq = 2 if final and levers.final_two_queries else t
+        per_box += 2 * tq * c * ci  # the queries' projection in and out
+        if first and shared:
+            per_call += 2 * L * c * ci
+            per_box += 2 * tq * L * ci
+        elif levers.fold_token_to_image:
+            per_box += 2 * tq * h * c * L + 2 * tq * ci * c
+        else:
+            per_box += 2 * L * c * ci + 2 * tq * L * ci
+        if final:
+            break
+        if first and shared:
+            per_call += L * c * ci
+            per_box += L * t * ci
+        elif levers.fold_image_to_token_query:
+            per_box += L * c * h * t + t * ci * c
+        else:
+            per_box += L * c * ci + L * t * ci
+        per_box += L * h * t * c + t * ci * c if levers.fold_image_to_token_out else L * t * ci + L * ci * c
+    return per_call + n * per_box
 
 
 class _Norm(nn.Module):

@@ -45,6 +45,9 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """Prompt encoder + mask decoder for N boxes on one image, single-mask output (MedSAM's ``multimask_output=False``).
 
+    The library's own modules as one graph: what ``medsam-rt export`` wrote before
+    :class:`~.fast_decoder.FastBoxDecoder` (kept as the baseline for benchmarks and tests).
+
     ``image_embeddings [1,C,64,64], boxes [N,4] -> low_res_logits [N,1,256,256], iou_scores [N,1]``.
     The image-wide positional embedding does not depend on the input, so it is
     computed here once and stored in the graph as a constant.
@@ -95,7 +98,8 @@ def segment_anything_decode(
 
 class SegmentAnythingDecoderGraph(nn.Module):
     """The same decoder contract for segment-anything-style modules (``PromptEncoder`` + ``MaskDecoder``,
-    as LiteMedSAM uses): ``image_embeddings [1,C,64,64], boxes [N,4] -> [N,1,256,256], [N,1]``."""
+    as LiteMedSAM uses): ``image_embeddings [1,C,64,64], boxes [N,4] -> [N,1,256,256], [N,1]``. The library's
+    modules as one graph, like :class:`DecoderGraph` (a baseline; exports use ``FastBoxDecoder``)."""
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
         super().__init__()
@@ -140,3 +144,23 @@ def export_graph(
         raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {one_line(exc)}") from exc
     finally:
         torch_logger.setLevel(level)
+
+
+#: The decoder is traced with these two boxes (in a 256-pixel frame, scaled to the encoder input size).
+DECODER_TRACE_BOXES = ((10.0, 20.0, 100.0, 140.0), (50.0, 60.0, 200.0, 220.0))
+
+
+def export_decoder_graph(module: nn.Module, path: Path, embed_channels: int, input_size: int, opset: int) -> None:
+    """Export a decoder module with the contract's I/O (:data:`DECODER_INPUTS`, :data:`DECODER_OUTPUTS`) and a
+    dynamic box count ``num_boxes`` (1..4096), traced with :data:`DECODER_TRACE_BOXES`."""
+    n_boxes = torch.export.Dim("num_boxes", min=1, max=4096)
+    boxes = torch.tensor(DECODER_TRACE_BOXES) * (input_size / 256)
+    export_graph(
+        module,
+        (torch.zeros(1, embed_channels, 64, 64), boxes),
+        path,
+        list(DECODER_INPUTS),
+        list(DECODER_OUTPUTS),
+        {"image_embeddings": None, "boxes": {0: n_boxes}},
+        opset,
+    )
