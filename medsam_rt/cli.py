@@ -607,6 +607,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     from .metrics import evaluate, summary, write_csv
 
     out = args.csv or args.pred_dir / "metrics.csv"
+    if args.csv is None and not args.pred_dir.is_dir():
+        raise UsageError(f"prediction folder not found: {args.pred_dir}")
     check_parent_writable(out, "--csv", UsageError)
     if not args.tolerance > 0:
         raise UsageError(f"--tolerance must be > 0 mm, got {args.tolerance}")
