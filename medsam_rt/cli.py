@@ -48,8 +48,10 @@ columns the lower one (axis 2: pixel (x, y) = voxel (i=x, j=y)); no reorientatio
 windows: auto (the file's window, else soft-tissue for CT, else 0.5-99.5 percentiles for DICOM/NIfTI,
 min-max for 16-bit images), file, soft-tissue (40,400), bone (400,1800), lung (-600,1500), brain (40,80),
 percentile, minmax, or LEVEL,WIDTH.
-outputs (by extension): .png label image (0 background, k = k-th box); .npy (M,H,W) bool masks;
-.npz masks + scores + boxes + slice + label; .nii/.nii.gz uint8 label volume with the source's geometry.
+outputs (by extension): .png label image (0 background, k = k-th box; 8-bit up to 255 boxes, 16-bit up
+to 65535); .npy (M,H,W) bool masks; .npz each mask as its crop + offset, with scores, boxes, slice and
+label (read it with medsam_rt.results.read_npz); .nii/.nii.gz label volume (uint8, uint16 above 255 boxes)
+with the source's geometry.
 """
 EXAMPLES_INFO = """examples:
   medsam-rt info models/litemedsam
@@ -258,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="OUT",
-        help="masks by extension: .png label image, .npy, .npz, .nii, .nii.gz (written atomically)",
+        help="masks by extension: .png label image, .npy mask stack, .npz mask crops, .nii, .nii.gz label volume "
+        "(written atomically)",
     )
     sg.add_argument(
         "--overlay",
@@ -448,6 +451,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _plan_slices(args: argparse.Namespace, scan) -> dict[int, list[list[float]]]:
     """Which slices to segment with which boxes (validated against the image before the model loads)."""
     from .formats import InvalidSliceError
+    from .masks import MAX_LABELS
     from .preprocess import validate_boxes
 
     entries = [(None, box) for box in args.box] + (_read_box_file(args.boxes) if args.boxes else [])
@@ -473,9 +477,13 @@ def _plan_slices(args: argparse.Namespace, scan) -> dict[int, list[list[float]]]
             raise InvalidSliceError(f"--boxes names slice {s}, outside the chosen slices {chosen.start}:{chosen.stop}")
         else:
             plan.setdefault(s, []).append(box)
+    labels = args.out.name.lower().endswith((".png", ".nii", ".nii.gz"))  # the formats that need a label image
     for k, boxes in plan.items():
-        if len(boxes) > 255:
-            raise InvalidBoxError(f"slice {k} has {len(boxes)} boxes; a uint8 label image holds at most 255")
+        if labels and len(boxes) > MAX_LABELS:
+            raise InvalidBoxError(
+                f"slice {k} has {len(boxes)} boxes; a label image ({args.out.name}) numbers at most {MAX_LABELS} "
+                "(uint16): write .npz (mask crops) or .npy for more"
+            )
         try:
             validate_boxes(boxes, scan.image_size)  # fail before the (slow) encoder runs
         except InvalidBoxError as exc:

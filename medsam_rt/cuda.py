@@ -31,7 +31,8 @@ import onnxruntime as ort
 
 from .errors import MedSAMError, ModelDirError
 from .manifest import METADATA_PREFIX, GraphEntry, Manifest, verify_graph
-from .postprocess import _axis_matrix
+from .masks import MaskCrop
+from .postprocess import axis_matrix
 from .preprocess import Preprocessing
 from .providers import create_session
 
@@ -391,12 +392,14 @@ class BoundRunner:
         boxes: np.ndarray,
         resized_size: tuple[int, int],
         original_size: tuple[int, int],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    ) -> tuple[np.ndarray, np.ndarray, list[MaskCrop] | None]:
         """Decode ``boxes`` (float32 ``[N,4]``, encoder frame) on an embedding (device or host).
 
         Returns:
-            low-res logits float32 ``(N, L, L)`` and IoU scores float32 ``(N,)`` on the host, and the masks bool
-            ``(N, H, W)`` when they were made on the device (``None``: make them on the host).
+            low-res logits float32 ``(N, L, L)`` and IoU scores float32 ``(N,)`` on the host, and the N masks as
+            :class:`~medsam_rt.masks.MaskCrop` when they were made on the device (``None``: make them on the
+            host). The device's masks are float32 ``rows @ logits @ cols.T > threshold``: they equal the exact
+            host path except at pixels whose logit is within float32 rounding of the threshold.
         """
         n, (h, w) = len(boxes), original_size
         on_device = self.postprocess is not None
@@ -404,7 +407,7 @@ class BoundRunner:
         plan = bucket_plan(n, self.options.buckets, max(1, limit))
         low_res = np.empty((n, self._low_res, self._low_res), np.float32)
         scores = np.empty(n, np.float32)
-        masks = np.empty((n, h, w), bool) if on_device and len(plan) > 1 else None
+        crops: list[MaskCrop] | None = [] if on_device else None
         for start, stop, rows in plan:
             padded = pad_rows(boxes[start:stop], rows)
             with self._static_lock if self.options.buckets else contextlib.nullcontext():  # static buffers: reused
@@ -416,13 +419,11 @@ class BoundRunner:
                     logits, chunk_scores = self._run_dynamic(embedding, padded, on_device)
                 low_res[start:stop] = logits.numpy()[: stop - start, 0]
                 scores[start:stop] = chunk_scores.numpy()[: stop - start, 0]
-                if on_device:
-                    chunk = self._masks(logits, stop - start, resized_size, original_size)
-                    if masks is None:
-                        masks = chunk  # one chunk: no copy
-                    else:
-                        masks[start:stop] = chunk
-        return low_res, scores, masks
+                if crops is not None:  # each chunk's dense masks become crops at once: host memory O(one chunk)
+                    crops.extend(
+                        MaskCrop.from_dense(m) for m in self._masks(logits, stop - start, resized_size, original_size)
+                    )
+        return low_res, scores, crops
 
     def _run_dynamic(
         self, embedding: ort.OrtValue | np.ndarray, boxes: np.ndarray, on_device: bool
@@ -488,8 +489,8 @@ class BoundRunner:
                 self._matrices.move_to_end(key)
                 return self._matrices[key]
         p, lr = self.preprocessing, self._low_res
-        rows = _axis_matrix(p.postprocess, lr, p.pad_size[0], resized[0], original[0])
-        cols = _axis_matrix(p.postprocess, lr, p.pad_size[1], resized[1], original[1])
+        rows = axis_matrix(p.postprocess, lr, p.pad_size[0], resized[0], original[0])
+        cols = axis_matrix(p.postprocess, lr, p.pad_size[1], resized[1], original[1])
         value = (_device_array(rows, self.device), _device_array(cols.T, self.device))
         with self._matrices_lock:
             self._matrices[key] = value

@@ -27,7 +27,8 @@ from .cuda import (
 from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError, PrecisionCheckError
 from .io import read_image
 from .manifest import Manifest, check_graph_metadata, load_manifest, verify_graph
-from .postprocess import sigmoid, upscale_logits
+from .masks import Masks
+from .postprocess import UpscaleChain, chain, sigmoid
 from .preprocess import Preprocessing, preprocess_image, resized_shape, scale_boxes, to_rgb_uint8, validate_boxes
 from .providers import NodePlacement, create_session, node_placement, resolve_device
 
@@ -61,55 +62,53 @@ class ImageEmbedding:
 
 @dataclass(frozen=True, eq=False)
 class Segmentation:
-    """Masks for N boxes at the original resolution.
+    """Masks for N boxes at the original resolution, each stored as its tight crop.
+
+    Masks are the exact upscaled logits' ``> mask_threshold`` (see :mod:`medsam_rt.postprocess`: the float64
+    chain, computed only near each mask's boundary), the same bits on every CPU.
 
     Attributes:
         boxes: float64 ``(N, 4)`` x0, y0, x1, y1 in original pixels, as given.
-        masks: bool ``(N, H, W)``: probability > 0.5.
+        crops: the N masks as :class:`~medsam_rt.masks.MaskCrop` (crop + offset, original pixels):
+            ``crops.areas()``, ``crops.bounding_boxes()``, ``crops[k].mask``; what every writer uses.
         scores: float32 ``(N,)``: the decoder's IoU estimate per box.
         low_res_logits: float32 ``(N, 256, 256)``: raw decoder output in the encoder frame.
-        upscale: maps low-res logits ``(n, 256, 256)`` to logits at the original resolution ``(n, H, W)``.
-        probs: float32 ``(N, H, W)``: sigmoid of the upscaled logits, computed on first access (it costs
-            4 bytes per pixel per box, so ``segment`` does not build it for callers who want masks only).
+        upscale: the recipe's :class:`~medsam_rt.postprocess.UpscaleChain` for this image: maps low-res logits
+            ``(n, 256, 256)`` to float32 logits at the original resolution ``(n, H, W)``.
+        masks: bool ``(N, H, W)``: the crops on the whole image, built on first access (``N * H * W`` bytes:
+            34 GiB for 255 boxes on a 12000x12000 image; prefer ``crops`` for large images or many boxes).
+        probs: float32 ``(N, H, W)``: sigmoid of the upscaled logits, computed on first access (the exact chain
+            on every pixel, 4 bytes per pixel per box, so ``segment`` does not build it for callers who want
+            masks only).
     """
 
     boxes: np.ndarray
-    masks: np.ndarray
+    crops: Masks
     scores: np.ndarray
     low_res_logits: np.ndarray
-    upscale: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    upscale: UpscaleChain = field(repr=False)
+
+    @functools.cached_property
+    def masks(self) -> np.ndarray:
+        return self.crops.dense()
 
     @functools.cached_property
     def probs(self) -> np.ndarray:
         return sigmoid(self.upscale(self.low_res_logits))
 
     def label_image(self) -> np.ndarray:
-        """uint8 ``(H, W)``: 0 background, ``k`` (1-based) for box ``k``; overlaps go to the most probable box
-        (the first on ties). Holds one box's logits at a time unless ``probs`` was already computed."""
-        n = self.masks.shape[0]
-        if n > 255:
-            raise ValueError(f"a uint8 label image holds at most 255 boxes, got {n}")
-        labels = np.zeros(self.masks.shape[1:], np.uint8)
-        if n == 1:
-            labels[self.masks[0]] = 1
-        elif n > 1:
-            computed = self.__dict__.get("probs")
-            best = np.full(labels.shape, -np.inf, np.float32)
-            win = np.empty(labels.shape, bool)
-            for k in range(n):
-                score = computed[k] if computed is not None else self.upscale(self.low_res_logits[k : k + 1])[0]
-                np.greater(score, best, out=win)  # sigmoid is monotonic: logits rank like probabilities
-                win &= self.masks[k]
-                labels[win] = k + 1
-                np.copyto(best, score, where=win)
-                del score
-        return labels
+        """uint8 (up to 255 boxes) or uint16 (up to 65535) ``(H, W)``: 0 background, ``k`` (1-based) for box
+        ``k``; overlaps go to the most probable box (the highest exact upscaled logit), the first on ties. Built
+        from the crops: logits are computed only where masks overlap.
+
+        Raises:
+            LabelOverflowError: more than 65535 boxes.
+        """
+        return self.crops.label_image()
 
 
 #: Boxes per decoder call (larger N: several calls).
 _DECODER_MAX_BOXES = 16
-#: Upscaled logits are built at most this many bytes at a time (a 10000x10000 image: one box per chunk).
-_UPSCALE_CHUNK_BYTES = 64 * 2**20
 
 
 class MedSAM:
@@ -341,9 +340,9 @@ class MedSAM:
             scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
         else:
             raise ValueError(f"frame must be 'original' or 'encoder', got {frame!r}")
-        masks = None
+        crops = None
         if self._runner is not None:  # masks too when the postprocessing graph made them on the device
-            low_res, scores, masks = self._runner.decode(
+            low_res, scores, crops = self._runner.decode(
                 stored_value(embedding), scaled, embedding.resized_size, embedding.original_size
             )
         else:
@@ -358,19 +357,14 @@ class MedSAM:
             ]
             low_res = np.concatenate([logits[:, 0] for logits, _ in parts])
             scores = np.concatenate([iou[:, 0] for _, iou in parts]).astype(np.float32)
-        upscale = functools.partial(
-            upscale_logits,
-            p=self.preprocessing,
-            resized_size=embedding.resized_size,
-            original_size=embedding.original_size,
+        upscale = chain(self.preprocessing, embedding.resized_size, embedding.original_size, low_res.shape[1:])
+        if crops is None:
+            crops = [upscale.mask_crop(logits) for logits in low_res]  # exact, O(boundary) each
+        # overlapping masks are ranked by their exact logits, computed where they overlap only
+        masks = Masks(
+            embedding.original_size, crops, logits_in=lambda k, rows, cols: upscale.window(low_res[k], rows, cols)
         )
-        if masks is None:
-            h, w = embedding.original_size
-            masks = np.empty((len(low_res), h, w), bool)
-            step = max(1, _UPSCALE_CHUNK_BYTES // (4 * h * w))
-            for i in range(0, len(low_res), step):  # bounded memory for large images: masks only, in chunks
-                np.greater(upscale(low_res[i : i + step]), self.preprocessing.mask_threshold, out=masks[i : i + step])
-        return Segmentation(boxes=boxes, masks=masks, scores=scores, low_res_logits=low_res, upscale=upscale)
+        return Segmentation(boxes=boxes, crops=masks, scores=scores, low_res_logits=low_res, upscale=upscale)
 
     def _check_embedding(self, embedding: Any) -> None:
         if not isinstance(embedding, ImageEmbedding):

@@ -5,28 +5,33 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .masks import Masks
+
 PALETTE = np.array(
     [(30, 144, 255), (255, 99, 71), (50, 205, 50), (255, 215, 0), (186, 85, 211), (0, 206, 209), (255, 140, 0)],
     np.uint8,
 )
 
 
-def overlay_figure(rgb: np.ndarray, boxes: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay_figure(rgb: np.ndarray, boxes: np.ndarray, masks: Masks | np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Build the side-by-side figure.
 
     Args:
         rgb: uint8 ``(H, W, 3)`` image.
         boxes: ``(N, 4)`` x0, y0, x1, y1 in the image's pixels.
-        masks: bool ``(N, H, W)``.
+        masks: the N masks as crops (:class:`~medsam_rt.masks.Masks`), or bool ``(N, H, W)``.
 
     Returns:
         uint8 ``(H, 2 * W + gap, 3)`` figure.
     """
     h, w = rgb.shape[:2]
     blended = rgb.astype(np.float32)
-    for k, mask in enumerate(masks):
+    everywhere = (slice(None), slice(None))
+    for k, crop in enumerate(masks):
+        window, mask = (crop.window(), crop.mask) if not isinstance(crop, np.ndarray) else (everywhere, crop)
+        region = blended[window]  # each mask blends over its crop only
         color = PALETTE[k % len(PALETTE)].astype(np.float32)
-        blended[mask] = (1 - alpha) * blended[mask] + alpha * color
+        region[mask] = (1 - alpha) * region[mask] + alpha * color
     gap = max(4, w // 50)
     fig = np.full((h, 2 * w + gap, 3), 255, np.uint8)
     fig[:, :w] = rgb

@@ -1,13 +1,25 @@
 """Segmenting the slices of a :class:`~medsam_rt.formats.Scan` and writing the masks in the format users open.
 
-Outputs, told by the extension: ``.png`` 8-bit label image (one slice); ``.npy`` the ``(M, H, W)`` bool mask
-stack; ``.npz`` masks + scores + boxes + slice index + label of every mask; ``.nii`` / ``.nii.gz`` a uint8 label
-volume with the NIfTI source's shape, affine and header (labels only on the segmented slices; a 2-D source gives
-a one-slice volume with its pixel spacing). Every file is written atomically.
+Every writer works from the masks' crops (:mod:`medsam_rt.masks`), so memory follows what the masks cover, not
+the number of boxes times the image. Outputs, told by the extension:
+
+- ``.png``: the label image of one slice (0 background, ``k`` for the ``k``-th box): 8-bit for up to 255 boxes,
+  16-bit for up to 65535;
+- ``.npy``: the ``(M, H, W)`` bool mask stack (dense by definition: ``M * H * W`` bytes on disk, written one mask
+  at a time);
+- ``.npz``: every mask as its crop + offset (the layout of :mod:`medsam_rt.masks`: ``mask_format``,
+  ``image_size``, ``offsets``, ``shapes``, ``crops``) with ``scores``, ``boxes``, ``slice`` and ``label`` per
+  mask; the full stack (``masks``, ``mask_format`` ``"dense"``) only on request. :func:`read_npz` reads either;
+- ``.nii`` / ``.nii.gz``: a label volume (uint8, or uint16 when a slice has more than 255 boxes) with the NIfTI
+  source's shape, affine and header (labels only on the segmented slices; a 2-D source gives a one-slice volume
+  with its pixel spacing).
+
+Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Callable, Mapping
@@ -19,6 +31,7 @@ import numpy as np
 from .errors import MedSAMError
 from .formats import Scan, nifti_voxel_index, to_display
 from .io import atomic_write, save_png
+from .masks import MaskFormatError, Masks, label_dtype
 
 OUTPUT_SUFFIXES = (".png", ".npy", ".npz", ".nii", ".nii.gz")
 
@@ -34,16 +47,63 @@ class SliceResult:
     Attributes:
         index: the slice (0 for 2-D images).
         boxes: ``(N, 4)`` x0, y0, x1, y1 in the slice's pixels.
-        masks: bool ``(N, H, W)``.
+        masks: the N masks as crops (:class:`~medsam_rt.masks.Masks`; ``masks.dense()`` for ``(N, H, W)``).
         scores: float32 ``(N,)``.
-        labels: uint8 ``(H, W)``: 0 background, ``k`` for the slice's ``k``-th box.
+        labels: uint8 (up to 255 boxes) or uint16 ``(H, W)``: 0 background, ``k`` for the slice's ``k``-th box;
+            built from the crops on first access.
     """
 
     index: int
     boxes: np.ndarray
-    masks: np.ndarray
+    masks: Masks
     scores: np.ndarray
-    labels: np.ndarray
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        return self.masks.label_image()
+
+
+@dataclass(frozen=True, eq=False)
+class MaskFile:
+    """What :func:`read_npz` reads from a ``.npz`` written by medsam-rt.
+
+    Attributes:
+        masks: every mask as its crop (all slices' masks share the slice size).
+        scores: float32 ``(M,)``; boxes: float64 ``(M, 4)``; slice: int32 ``(M,)``; label: int32 ``(M,)`` (the
+            mask's label in its slice's label image).
+    """
+
+    masks: Masks
+    scores: np.ndarray
+    boxes: np.ndarray
+    slice: np.ndarray
+    label: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        """bool ``(M, H, W)``: every mask on its whole slice (``M * H * W`` bytes)."""
+        return self.masks.dense()
+
+
+def read_npz(path: str | os.PathLike[str]) -> MaskFile:
+    """Read masks written to ``.npz`` by ``medsam-rt segment`` (crops, or the full stack when it was asked for).
+
+    Raises:
+        MaskFormatError: not such a file (missing or inconsistent arrays).
+    """
+    with np.load(path, allow_pickle=False) as z:
+        arrays = dict(z)
+    if "mask_format" not in arrays and "masks" in arrays:  # written before crops: the full stack
+        arrays["mask_format"] = np.array("dense")
+    try:
+        return MaskFile(
+            Masks.from_arrays(arrays),
+            np.asarray(arrays["scores"], np.float32),
+            np.asarray(arrays["boxes"], np.float64).reshape(-1, 4),
+            np.asarray(arrays["slice"], np.int32),
+            np.asarray(arrays["label"], np.int32),
+        )
+    except KeyError as exc:
+        raise MaskFormatError(f"{path}: not a medsam-rt mask file (no {exc.args[0]!r} array)") from None
 
 
 def output_suffix(path: Path) -> str:
@@ -76,39 +136,53 @@ def segment_scan(
     for index in sorted(boxes_per_slice):
         image = to_display(scan.values[index], value_range)
         result = model.segment(model.embed(image), boxes_per_slice[index])
-        results.append(SliceResult(index, result.boxes, result.masks, result.scores, result.label_image()))
+        results.append(SliceResult(index, result.boxes, result.crops, result.scores))
         if on_slice is not None:
             on_slice(index)
     return results
 
 
-def write_result(path: Path, scan: Scan, results: list[SliceResult]) -> None:
-    """Write ``results`` to ``path`` in the format its extension names (atomically)."""
+def write_result(path: Path, scan: Scan, results: list[SliceResult], *, dense_npz: bool = False) -> None:
+    """Write ``results`` to ``path`` in the format its extension names (atomically); ``dense_npz``: a ``.npz``
+    holds the full ``(M, H, W)`` stack instead of the crops.
+
+    Raises:
+        OutputFormatError: the format cannot hold these results.
+        LabelOverflowError: a label image (``.png``, NIfTI) for a slice with more than 65535 boxes.
+    """
     suffix = output_suffix(path)
     check_output(path, scan, len(results))
     if suffix == ".png":
         save_png(path, results[0].labels)
     elif suffix == ".npy":
-        masks = _mask_stack(scan, results)
-        atomic_write(path, lambda tmp: np.save(tmp, masks))
+        atomic_write(path, lambda tmp: _save_stack(tmp, scan, results))
     elif suffix == ".npz":
-        arrays = {
-            "masks": _mask_stack(scan, results),
-            "scores": np.concatenate([r.scores for r in results]).astype(np.float32),
-            "boxes": np.concatenate([r.boxes for r in results]).reshape(-1, 4),
-            "slice": np.concatenate([np.full(len(r.boxes), r.index, np.int32) for r in results]),
-            "label": np.concatenate([np.arange(1, len(r.boxes) + 1, dtype=np.int32) for r in results]),
-        }
+        masks = _all_masks(scan, results)
+        arrays = {"mask_format": np.array("dense"), "masks": masks.dense()} if dense_npz else masks.to_arrays()
+        arrays.update(
+            scores=np.concatenate([r.scores for r in results]).astype(np.float32),
+            boxes=np.concatenate([r.boxes for r in results]).reshape(-1, 4),
+            slice=np.concatenate([np.full(len(r.boxes), r.index, np.int32) for r in results]),
+            label=np.concatenate([np.arange(1, len(r.boxes) + 1, dtype=np.int32) for r in results]),
+        )
         atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
     else:
         data = _label_volume_bytes(scan, results, gz=suffix == ".nii.gz")
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def _mask_stack(scan: Scan, results: list[SliceResult]) -> np.ndarray:
-    if not any(len(r.boxes) for r in results):
-        return np.zeros((0, *scan.image_size), bool)
-    return np.concatenate([r.masks for r in results])
+def _all_masks(scan: Scan, results: list[SliceResult]) -> Masks:
+    return Masks(scan.image_size, tuple(c for r in results for c in r.masks))
+
+
+def _save_stack(tmp: str, scan: Scan, results: list[SliceResult]) -> None:
+    """The ``(M, H, W)`` bool ``.npy``, one dense mask in memory at a time."""
+    masks = _all_masks(scan, results)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(bool)), "fortran_order": False}
+    with open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {**header, "shape": (len(masks), *masks.image_size)})
+        for crop in masks:
+            fh.write(crop.dense(masks.image_size).tobytes())
 
 
 def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:
@@ -119,20 +193,23 @@ def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:
 def _label_volume_bytes(scan: Scan, results: list[SliceResult], gz: bool) -> bytes:
     import nibabel
 
+    dtype = label_dtype(max((len(r.boxes) for r in results), default=0))
     if scan.kind == "nifti":
         src = scan.source
-        volume = np.zeros(src.shape[:3], np.uint8)
-        for r in results:
-            volume[nifti_voxel_index(scan.axis, r.index)] = r.labels.T
+        volume = np.zeros(src.shape[:3], dtype)
+        for r in results:  # each slice's labels straight into the volume: no per-slice label image kept
+            r.masks.paste_labels(volume[nifti_voxel_index(scan.axis, r.index)].T)
         volume = volume.reshape(src.shape)
         header = src.header.copy()
-        header.set_data_dtype(np.uint8)
+        header.set_data_dtype(dtype)
         header["scl_slope"], header["scl_inter"] = 1.0, 0.0
         header["cal_min"], header["cal_max"] = 0.0, float(volume.max())
         img = type(src)(volume, src.affine, header)
     else:  # one 2-D slice: voxel (i, j) = pixel (x, y), spacing from the file when known
         row, col = scan.spacing or (1.0, 1.0)
-        img = nibabel.Nifti1Image(results[0].labels.T[:, :, None], np.diag([col, row, 1.0, 1.0]))
+        labels = results[0].labels
+        img = nibabel.Nifti1Image(labels.T[:, :, None], np.diag([col, row, 1.0, 1.0]))
+        img.header.set_data_dtype(labels.dtype)
     data = img.to_bytes()
     return gzip.compress(data, compresslevel=6, mtime=0) if gz else data
 
@@ -143,8 +220,8 @@ def summary(scan: Scan, results: list[SliceResult]) -> dict:
     pixel_mm2 = scan.spacing[0] * scan.spacing[1] if scan.spacing else None
     rows = []
     for r in results:
-        for k, (box, score, mask) in enumerate(zip(r.boxes, r.scores, r.masks, strict=True), 1):
-            area = int(mask.sum())
+        for k, (box, score, area) in enumerate(zip(r.boxes, r.scores, r.masks.areas(), strict=True), 1):
+            area = int(area)
             row = {"slice": r.index, "label": k, "box": [float(v) for v in box], "score": round(float(score), 4)}
             row["area_px"] = area
             if pixel_mm2 is not None:
@@ -166,10 +243,12 @@ def summary(scan: Scan, results: list[SliceResult]) -> dict:
 
 __all__ = [
     "OUTPUT_SUFFIXES",
+    "MaskFile",
     "OutputFormatError",
     "SliceResult",
     "check_output",
     "output_suffix",
+    "read_npz",
     "segment_scan",
     "summary",
     "write_result",

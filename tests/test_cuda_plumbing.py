@@ -239,12 +239,12 @@ def test_postprocess_graph_equals_numpy(post_session, mode, pad, resized, origin
     """The graph's masks are the numpy path's for every postprocess mode: same matrices, same product order.
     Float32 products may differ in the last bit between MLAS and numpy's BLAS, so pixels whose logit lies within
     1e-4 of the threshold may differ; none other may."""
-    from medsam_rt.postprocess import _axis_matrix
+    from medsam_rt.postprocess import axis_matrix
 
     p = _recipe(mode, pad, threshold)
     logits = np.random.default_rng(5).standard_normal((6, 1, 256, 256)).astype(np.float32) * 4
-    rows = _axis_matrix(mode, 256, pad, resized[0], original[0])
-    cols = _axis_matrix(mode, 256, pad, resized[1], original[1])
+    rows = axis_matrix(mode, 256, pad, resized[0], original[0])
+    cols = axis_matrix(mode, 256, pad, resized[1], original[1])
     (masks,) = post_session.run(
         None,
         {
@@ -277,14 +277,9 @@ def _assert_same(res, ref, n=5):
     np.testing.assert_array_equal(res.low_res_logits, ref.low_res_logits[:n])  # the same sessions ran
     np.testing.assert_array_equal(res.scores, ref.scores[:n])
     assert res.scores.dtype == np.float32 and res.masks.dtype == bool
-    logits = upscale_logits(ref.low_res_logits[:n], *_upscale_args(ref))
+    logits = ref.upscale(ref.low_res_logits[:n])
     differ = res.masks != ref.masks[:n]
     assert not (differ & (np.abs(logits) > 1e-4)).any() and differ.mean() < 1e-5
-
-
-def _upscale_args(res):
-    f = res.upscale
-    return f.keywords["p"], f.keywords["resized_size"], f.keywords["original_size"]
 
 
 @pytest.mark.parametrize("name", list(OPTION_SETS))

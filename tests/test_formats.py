@@ -28,6 +28,7 @@ from medsam_rt.formats import (
     to_display,
 )
 from medsam_rt.progress import Progress
+from medsam_rt.results import read_npz
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 NIFTI_DIR = Path(nibabel.__file__).parent / "tests" / "data"
@@ -181,16 +182,18 @@ def test_per_slice_box_file_and_npz(tiny, tiny_dir, tmp_path):
     boxes.write_text("# slice, x0, y0, x1, y1\n3, 2, 2, 20, 20\n3 10 10 30 24\n7,5,5,25,25\n")
     out = tmp_path / "m.npz"
     assert main(["segment", str(tiny_dir), str(ANAT), "--axis", "1", "--boxes", str(boxes), "--out", str(out)]) == 0
-    z = np.load(out)
-    assert z["masks"].dtype == bool and z["masks"].shape[0] == 3
-    np.testing.assert_array_equal(z["slice"], [3, 3, 7])
-    np.testing.assert_array_equal(z["label"], [1, 2, 1])
+    z = read_npz(out)  # per-mask crops + offsets (the format of medsam_rt.masks)
+    assert str(np.load(out)["mask_format"]) == "crops" and "masks" not in np.load(out)
+    masks = z.dense()
+    assert masks.dtype == bool and masks.shape[0] == 3
+    np.testing.assert_array_equal(z.slice, [3, 3, 7])
+    np.testing.assert_array_equal(z.label, [1, 2, 1])
     scan = read_scan(ANAT, axis=1)
-    assert z["masks"].shape[1:] == scan.image_size
+    assert masks.shape[1:] == scan.image_size
     vr = display_range(scan)
     res = tiny.segment(tiny.embed(to_display(scan.values[3], vr)), [[2, 2, 20, 20], [10, 10, 30, 24]])
-    np.testing.assert_array_equal(z["masks"][:2], res.masks)
-    np.testing.assert_allclose(z["scores"][:2], res.scores, atol=1e-6)
+    np.testing.assert_array_equal(masks[:2], res.masks)
+    np.testing.assert_allclose(z.scores[:2], res.scores, atol=1e-6)
 
 
 # --- 2-D images and outputs -------------------------------------------------------------------------------------
