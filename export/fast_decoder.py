@@ -500,10 +500,19 @@ class _TokenToImage(_Attention):
         ``share``: ``x`` is the first block's ``[1, L, C]``; from ``lev.share_first_block`` boxes on, project it.
         """
         qh = self.heads(q, "q")  # [N, h, T, d], scaled
-        own = self._folded if lev.fold_token_to_image else self._projected
-        if not share:
-            return self.out(own(qh, xp, x))
-        return self.out(torch.cond(qh.shape[0] >= lev.share_first_block, self._projected, own, (qh, xp, x)))
+        own_scores = self._scores_folded if lev.fold_token_to_image else self._scores_projected
+        own_values = self._values_folded if lev.fold_token_to_image else self._values_projected
+        # shared: two Ifs around the products, the Softmax between them (an fp16 conversion, which looks at the
+        # top-level graph only, keeps it fp32 as it does every Softmax)
+        if share:
+            shared = qh.shape[0] >= lev.share_first_block
+            scores = torch.cond(shared, self._scores_projected, own_scores, (qh, xp))
+        else:
+            scores = own_scores(qh, xp)
+        p = torch.softmax(scores, dim=-1)  # [N, h, T, L]
+        if share:
+            return self.out(torch.cond(shared, self._values_projected, own_values, (p, x)))
+        return self.out(own_values(p, x))
 
     def absorb_value_offset(self, offset: torch.Tensor) -> None:
         """The image values will be ``X - offset``: add ``Wv·offset`` to the value bias (exact)."""
@@ -511,20 +520,25 @@ class _TokenToImage(_Attention):
         self.bv_flat += shift.float()
         self.bv += shift.float().reshape(self.bv.shape)
 
-    def _projected(self, qh: torch.Tensor, xp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """SAM's order: project the L image tokens to keys and values (shared by the N boxes when x is [1, L, C])."""
-        k = self.heads(xp, "k")  # [1|N, h, L, d]
-        v = self.heads(x, "v")
-        p = torch.softmax(qh @ k.transpose(-1, -2), dim=-1)  # [N, h, T, L]
-        return p @ v
+    def _scores_projected(self, qh: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+        """SAM's order: project the L image tokens to keys (shared by the N boxes when xp is [1, L, C])."""
+        return qh @ self.heads(xp, "k").transpose(-1, -2)  # [N, h, T, L]
 
-    def _folded(self, qh: torch.Tensor, xp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``q_h·Wk_h`` against the raw tokens, ``(P_h·X)·Wv_hᵀ + bv_h``: L tokens times 7h rows, never projected."""
+    def _scores_folded(self, qh: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+        """``q_h·Wk_h`` against the raw tokens (``q_h·bk_h`` is constant over keys: dropped) -> ``[N, h, T, L]``."""
         n, h, t, _ = qh.shape
-        qk = (qh @ self.wk).reshape(n, h * t, -1)  # [N, h*T, C]; q_h·bk_h is constant over keys: dropped
-        p = torch.softmax(qk @ xp.transpose(-1, -2), dim=-1)  # [N, h*T, L]
-        px = (p @ x).reshape(n, h, t, -1)  # [N, h, T, C]
-        return px @ self.wv.transpose(-1, -2) + self.bv  # [N, h, T, d]
+        qk = (qh @ self.wk).reshape(n, h * t, -1)  # [N, h*T, C]
+        return (qk @ xp.transpose(-1, -2)).reshape(n, h, t, -1)
+
+    def _values_projected(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``P_h·(X·Wv_hᵀ + bv_h)`` with the L image tokens projected -> ``[N, h, T, d]``."""
+        return p @ self.heads(x, "v")
+
+    def _values_folded(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``(P_h·X)·Wv_hᵀ + bv_h`` (rows of P sum to 1) -> ``[N, h, T, d]``."""
+        n, h, t, _ = p.shape
+        px = (p.reshape(n, h * t, -1) @ x).reshape(n, h, t, -1)  # [N, h, T, C]
+        return px @ self.wv.transpose(-1, -2) + self.bv
 
 
 class _ImageToToken(_Attention):
