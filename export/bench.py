@@ -30,6 +30,17 @@ def source_of(model_dir: Path) -> tuple[Source, dict[str, Any]]:
     return source, manifest
 
 
+def upscale(logits: torch.Tensor, p: Preprocessing, resized: tuple[int, int], original: tuple[int, int]) -> Any:
+    """The recipe's postprocessing in torch (``[N, 1, L, L]`` -> ``[N, 1, H, W]``), as the reference scripts do it:
+    ``F.interpolate`` (bilinear, ``align_corners=False``) and crops."""
+    (rh, rw), size = resized, tuple(original)
+    if p.postprocess == "upscale_crop_resize":  # transformers' post_process_masks
+        logits = F.interpolate(logits, size=tuple(p.pad_size), mode="bilinear", align_corners=False)[..., :rh, :rw]
+    elif p.postprocess == "crop_resize":  # LiteMedSAM's CVPR24 script
+        logits = logits[..., :rh, :rw]
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 def torch_backend(model_dir: Path, device: str = "cpu", dtype: str = "fp32") -> tuple[Callable, Callable, dict]:
     """The PyTorch model behind the export (eager, as the seed runs it) with the same preprocessing and a torch
     postprocessing; on CUDA in fp32 or fp16, synchronised so that timings are whole."""
@@ -57,8 +68,7 @@ def torch_backend(model_dir: Path, device: str = "cpu", dtype: str = "fp32") -> 
         embedding, original, resized = emb
         scaled = torch.from_numpy(scale_boxes(boxes, original, resized, p)).to(dev, float_type)
         logits, _ = source.reference.decode(embedding, scaled)
-        logits = F.interpolate(logits.float(), size=tuple(original), mode="bilinear", align_corners=False)
-        return (logits > 0).cpu().numpy()
+        return (upscale(logits.float(), p, resized, original) > p.mask_threshold).cpu().numpy()
 
     extra: dict[str, Any] = {"graph_mib": None}
     if dev.type == "cuda":

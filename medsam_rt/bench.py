@@ -5,6 +5,10 @@ RSS and cold start are its own; backends alternate for ``rounds`` rounds so rati
 Each measurement: warm-up, then ``repeats`` timed runs (median, p95, min). Rows that cannot run here (CUDA
 without a GPU, PyTorch without torch) are skipped with the reason. Output: one JSON line per backend (every
 config field, hardware fingerprint, library versions) and a markdown table.
+
+The drag rows are what a user feels: :data:`DRAG_BOXES` successive boxes on one embedded image, each a few pixels
+off the last (:func:`drag_boxes`: the same sequence for every backend), timed one box at a time (decoder + mask
+at the original size: medsam-rt's crops, PyTorch's ``F.interpolate`` + threshold), p50 and p95 per image size.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from .io import atomic_write
 from .samples import ellipse_phantom
 
 IMAGE_SIZES = (512, 2048)  # the interactive loop: box -> mask at the original resolution
+DRAG_SIZES = (512, 2048, 4096)  # the drag: successive boxes on one embedded image
+DRAG_BOXES = 30
 
 
 def _stats(times: list[float]) -> dict[str, float]:
@@ -51,15 +57,53 @@ def _boxes(n: int, size: int) -> np.ndarray:
     return np.concatenate([xy, xy + rng.uniform(size * 0.1, size * 0.45, (n, 2))], axis=1)
 
 
+def drag_boxes(size: int, n: int = DRAG_BOXES) -> np.ndarray:
+    """float64 ``(n, 4)``: a drag on a ``size`` x ``size`` image: a box around the phantom's object, then each box
+    moves its corners a few pixels from the last (1-3 pixels per 512 of image size: the same motion on a screen
+    showing the whole image). Deterministic: every backend gets the same sequence."""
+    from .samples import ellipse_phantom
+
+    rng = np.random.default_rng(size)
+    box = ellipse_phantom(size, size, seed=size).boxes[0].astype(np.float64)
+    step = max(1, size // 512)
+    out = [box]
+    for _ in range(n - 1):
+        box = np.clip(box + rng.integers(-3, 4, 4) * step, 0, size)
+        box[2:] = np.maximum(box[2:], 8 * step)  # stays a box of at least 8 steps inside the image
+        box[:2] = np.minimum(box[:2], box[2:] - 8 * step)
+        out.append(box)
+    return np.stack(out)
+
+
+def drag(embed: Callable, segment: Callable, sizes: tuple[int, ...] = DRAG_SIZES) -> dict[str, list[float]]:
+    """Per image size, the box -> mask times (ms) of :func:`drag_boxes` on one embedded phantom, one box per call
+    (after one untimed box)."""
+    from .samples import ellipse_phantom
+
+    out = {}
+    for size in sizes:
+        emb = embed(ellipse_phantom(size, size, seed=size).image)
+        boxes = drag_boxes(size)
+        segment(emb, boxes[:1])
+        times = []
+        for box in boxes:
+            t0 = time.perf_counter()
+            segment(emb, box[None])
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[str(size)] = times
+    return out
+
+
 def ort_backend(model_dir: Path, precision: str, device: str) -> tuple[Callable, Callable, dict]:
-    """medsam-rt on a model directory: ``embed(image)``, ``segment(emb, boxes) -> masks``, extra row fields."""
+    """medsam-rt on a model directory: ``embed(image)``, ``segment(emb, boxes) -> Segmentation`` (its masks made:
+    the crops at the original size), extra row fields."""
     from .model import MedSAM
 
     model = MedSAM.load(model_dir, device=device, precision=precision)
     g = model.manifest.raw["graphs"]
     size_mib = sum(g[r][model.precision]["bytes"] for r in ("encoder", "decoder")) / 2**20
     extra = {"graph_mib": size_mib, "execution": model.execution_report()}
-    return model.embed, lambda emb, boxes: model.segment(emb, boxes).masks, extra
+    return model.embed, model.segment, extra
 
 
 def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Callable, Callable, dict]:
@@ -67,7 +111,7 @@ def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Calla
     ONNX Runtime, with medsam-rt's pre/postprocessing: boxes go in as two corner points (labels 2, 3: SAM's box
     corner embeddings), the best of its three masks per box is upscaled."""
     from .manifest import load_manifest
-    from .postprocess import upscale_logits
+    from .postprocess import chain
     from .preprocess import preprocess_image, scale_boxes, to_rgb_uint8
     from .providers import create_session
 
@@ -81,7 +125,7 @@ def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Calla
         emb, pos = encoder.run(["image_embeddings", "image_positional_embeddings"], {"pixel_values": pixels})
         return emb, pos, rgb.shape[:2], resized
 
-    def segment(state: Any, boxes: np.ndarray) -> np.ndarray:
+    def segment(state: Any, boxes: np.ndarray) -> list:
         emb, pos, original, resized = state
         scaled = scale_boxes(boxes, original, resized, p)
         feeds = {
@@ -92,13 +136,21 @@ def optimum_backend(model_dir: Path, onnx_dir: Path, device: str) -> tuple[Calla
         }
         iou, masks = decoder.run(["iou_scores", "pred_masks"], feeds)
         best = masks[0, np.arange(len(scaled)), iou[0].argmax(axis=1)]
-        return upscale_logits(best, p, resized, original) > p.mask_threshold
+        upscale = chain(p, resized, original, best.shape[1:])
+        return [upscale.mask_crop(logits) for logits in best]
 
     size = sum((onnx_dir / f).stat().st_size for f in ("vision_encoder.onnx", "prompt_encoder_mask_decoder.onnx"))
     return embed, segment, {"graph_mib": size / 2**20}
 
 
-def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, ...], device: str) -> dict[str, Any]:
+def worker(
+    model_dir: Path,
+    backend: str,
+    repeats: int,
+    box_counts: tuple[int, ...],
+    device: str,
+    drag_sizes: tuple[int, ...] = DRAG_SIZES,
+) -> dict[str, Any]:
     """Measure one backend in this (fresh) process."""
     t0 = time.perf_counter()
     if backend.startswith("pytorch"):
@@ -123,12 +175,14 @@ def worker(model_dir: Path, backend: str, repeats: int, box_counts: tuple[int, .
     for s, image in images.items():
         e = embed(image)
         loop[str(s)], _ = timed(lambda e=e, s=s: segment(e, _boxes(1, s)), repeats)
+    drag_ms = drag(embed, segment, drag_sizes)
     return {
         "backend": backend,
         "cold_start_s": cold,
         "encoder": encoder,
         "decoder": decoder,
         "interactive_loop": loop,
+        "drag_ms": drag_ms,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": gpu_peak() if gpu_peak else None,
         **extra,
@@ -274,8 +328,10 @@ def run_bench(
     device: str = "cpu",
     optimum_python: str | None = None,
     print_fn: Callable[[str], None] = print,
+    drag_sizes: tuple[int, ...] = DRAG_SIZES,
 ) -> list[dict[str, Any]]:
-    """Run every backend in subprocesses, print the table, write JSON lines + markdown + plot; return the rows."""
+    """Run every backend in subprocesses, print the table, write JSON lines + markdown + plot; return the rows.
+    ``drag_sizes``: the image sizes of the drag rows."""
     repeats, rounds = (3, 1) if quick else (5, 2)
     box_counts = (1, 4, 16) if quick else (1, 4, 16, 64)
     backends, skipped = plan(model_dir, device, with_torch, optimum_python)
@@ -291,6 +347,7 @@ def run_bench(
                 str(repeats),
                 ",".join(map(str, box_counts)),
                 _row_device(b, device),
+                ",".join(map(str, drag_sizes)),
             ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -322,6 +379,7 @@ def run_bench(
                 "interactive_ms": {
                     s: med(lambda r, s=str(s): r["interactive_loop"][s]["median_ms"]) for s in IMAGE_SIZES
                 },
+                "drag": {s: _drag_stats([t for r in rs for t in r["drag_ms"][str(s)]]) for s in drag_sizes},
                 "cold_start_s": med(lambda r: r["cold_start_s"]),
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                 "peak_gpu_mib": max((r["peak_gpu_mib"] for r in rs if r.get("peak_gpu_mib")), default=None),
@@ -341,6 +399,11 @@ def run_bench(
     why_not = write_plot(rows, out_dir / f"{stem}.png")
     print_fn(f"wrote {out_dir / stem}.jsonl, .md" + (f" (no plot: {why_not})" if why_not else " and .png"))
     return rows
+
+
+def _drag_stats(ms: list[float]) -> dict[str, float]:
+    """p50 and p95 of the drag's box -> mask times pooled over the rounds (``boxes``: how many)."""
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "boxes": len(ms)}
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
@@ -414,11 +477,43 @@ def format_table(rows: list[dict[str, Any]], skipped: list[str], hw: dict[str, A
             + ("–" if r["graph_mib"] is None else f"{r['graph_mib']:.0f}")
             + " |"
         )
+    lines += ["", *format_drag_table(rows, baseline)]
     lines += [f"\nskipped: {reason}" for reason in skipped]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # worker entry: python -m medsam_rt.bench MODEL_DIR BACKEND REPEATS COUNTS DEVICE
-    _dir, _backend, _repeats, _counts, _device = sys.argv[1:6]
-    result = worker(Path(_dir), _backend, int(_repeats), tuple(int(n) for n in _counts.split(",")), _device)
+def format_drag_table(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: the drag rows (p50 / p95 box -> mask ms per image size, p50 against PyTorch's)."""
+    rows = [r for r in rows if r.get("drag")]
+    if not rows:
+        return []
+    sizes = list(rows[0]["drag"])
+    n = rows[0]["drag"][sizes[0]]["boxes"]
+    lines = [
+        f"drag: {n} successive boxes on one embedded image, one box per call (decoder + mask at the original size)",
+        "",
+        "| backend | device | " + " | ".join(f"{s}² p50 / p95 ms | vs PyTorch" for s in sizes) + " |",
+        "|" + "---|" * (2 + 2 * len(sizes)),
+    ]
+    for r in rows:
+        base = baseline.get(r.get("device", "cpu"))
+        cells = []
+        for s in sizes:
+            d = r["drag"][s]
+            ratio = f"{d['p50_ms'] / base['drag'][s]['p50_ms']:.2f}×" if base and base.get("drag") else "–"
+            cells.append(f"{d['p50_ms']:.1f} / {d['p95_ms']:.1f} | {ratio}")
+        lines.append(f"| {r['backend']} | {r.get('device', 'cpu')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":  # worker entry: python -m medsam_rt.bench MODEL_DIR BACKEND REPEATS COUNTS DEVICE DRAG
+    _dir, _backend, _repeats, _counts, _device, _drag = sys.argv[1:7]
+    result = worker(
+        Path(_dir),
+        _backend,
+        int(_repeats),
+        tuple(int(n) for n in _counts.split(",")),
+        _device,
+        tuple(int(n) for n in _drag.split(",")),
+    )
     print(json.dumps(result))

@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="latency, cold start and memory against PyTorch (JSON lines + markdown table)",
         description="Benchmark a model directory: encoder latency, decoder latency for several boxes per call, "
-        "the interactive loop (box -> mask at 512x512 and 2048x2048), cold start, peak memory and graph sizes, "
+        "the interactive loop (box -> mask at 512x512 and 2048x2048), a drag (30 successive boxes, p50/p95 box -> "
+        "mask at 512², 2048², 4096²), cold start, peak memory and graph sizes, "
         "for every exported precision and for the PyTorch fp32 model, each in its own process.",
         epilog="examples:\n  medsam-rt bench --quick                         # LiteMedSAM, a few minutes\n"
         "  medsam-rt bench models/vitb --optimum-python .venv-tf4/bin/python   # + the optimum baseline row\n"

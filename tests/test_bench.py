@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
-from medsam_rt.bench import IMAGE_SIZES, format_table, run_bench
+import numpy as np
+
+from medsam_rt.bench import DRAG_BOXES, DRAG_SIZES, IMAGE_SIZES, drag_boxes, format_table, run_bench
 
 
 def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
     lines: list[str] = []
-    rows = run_bench(tiny_dir, tmp_path, quick=True, print_fn=lines.append)
+    # one drag size: the tiny model's random-weight masks are all boundary (dense cost) at 4096²
+    rows = run_bench(tiny_dir, tmp_path, quick=True, print_fn=lines.append, drag_sizes=(512,))
     assert [r["backend"] for r in rows] == ["pytorch-fp32", "ort-fp32", "ort-fp16"]
     for r in rows:
         assert r["encoder_ms"] > 0 and r["cold_start_s"] > 0 and r["peak_rss_mib"] > 50
@@ -17,6 +20,8 @@ def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
         assert set(r["interactive_ms"]) == set(IMAGE_SIZES)
         assert r["hardware"]["cores"] >= 1 and "onnxruntime" in r["hardware"]["versions"]
         assert r["random_weights"] is True and r["quick"] is True
+        assert set(r["drag"]) == {512}
+        assert all(0 < d["p50_ms"] <= d["p95_ms"] and d["boxes"] == DRAG_BOXES for d in r["drag"].values())
     assert rows[0]["graph_mib"] is None and rows[1]["graph_mib"] > rows[2]["graph_mib"]  # fp16 graphs are smaller
     written = sorted(p.suffix for p in tmp_path.iterdir())
     assert written == [".jsonl", ".md", ".png"]
@@ -30,6 +35,17 @@ def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
     assert "| ort-fp32 |" in table and "skipped: CUDA rows" in table and "vs PyTorch" in table
     header, sep = table.splitlines()[2:4]
     assert header.count("|") == sep.count("|")
+    assert "drag: 30 successive boxes" in table and "| ort-fp32 | cpu | " in table.split("drag:")[1]
+
+
+def test_drag_boxes_are_one_deterministic_drag():
+    for size in DRAG_SIZES:
+        boxes = drag_boxes(size)
+        assert boxes.shape == (DRAG_BOXES, 4)
+        np.testing.assert_array_equal(boxes, drag_boxes(size))  # every backend gets the same sequence
+        assert (boxes >= 0).all() and (boxes <= size).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+        step = np.abs(np.diff(boxes, axis=0)).max()
+        assert 0 < step <= 3 * max(1, size // 512)  # a few pixels off the last
 
 
 def test_table_without_torch_row():
