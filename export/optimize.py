@@ -43,18 +43,76 @@ def _channels_last_forward(module: nn.Module):
     return forward
 
 
+#: Global attention over more tokens than this is computed in chunks of query rows (see :func:`export_friendly`).
+CHUNKED_ATTENTION_MIN_TOKENS = 1024
+#: Query rows of the token grid per chunk: 8 rows of MedSAM ViT-B's 64x64 grid = 512 queries, so each chunk's
+#: scores are 12 heads x 512 x 4096 floats (96 MiB) instead of 12 x 4096 x 4096 (768 MiB) at once.
+ATTENTION_CHUNK_ROWS = 8
+
+
+def _is_sam_vision_attention(module: nn.Module) -> bool:
+    return type(module).__name__ in ("SamVisionAttention", "SamVisionSdpaAttention") and hasattr(module, "qkv")
+
+
+def _chunked_attention_forward(module: nn.Module):
+    """transformers' ``SamVisionAttention.forward`` with the softmax(QK^T + rel-pos) V product computed for
+    :data:`ATTENTION_CHUNK_ROWS` query rows at a time when the grid has more than
+    :data:`CHUNKED_ATTENTION_MIN_TOKENS` tokens (the global blocks). Each query's softmax is over all keys, as
+    before, so the result is the same function; only the score tensors alive at once shrink. The attention
+    weights are not returned (``None``): export never asks for them."""
+    original = type(module).forward
+
+    def forward(hidden_states: torch.Tensor, output_attentions=None):
+        b, h, w, _ = hidden_states.shape
+        if h * w <= CHUNKED_ATTENTION_MIN_TOKENS:
+            return original(module, hidden_states)
+        heads = module.num_attention_heads
+        qkv = module.qkv(hidden_states).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
+        dim = query.shape[-1]
+        key_t = key.transpose(-2, -1)
+        if module.use_rel_pos:
+            table_h = module.get_rel_pos(h, h, module.rel_pos_h)  # [h (query row), h (key row), dim]
+            table_w = module.get_rel_pos(w, w, module.rel_pos_w)
+        outputs = []
+        for r0 in range(0, h, ATTENTION_CHUNK_ROWS):
+            r1 = min(h, r0 + ATTENTION_CHUNK_ROWS)
+            q = query[:, r0 * w : r1 * w]
+            scores = (q * module.scale) @ key_t  # [b*heads, rows*w, h*w]
+            if module.use_rel_pos:
+                rows = q.reshape(b * heads, r1 - r0, w, dim)
+                rel_h = torch.einsum("bhwc,hkc->bhwk", rows, table_h[r0:r1])
+                rel_w = torch.einsum("bhwc,wkc->bhwk", rows, table_w)
+                scores = scores.reshape(b * heads, r1 - r0, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+                scores = scores.reshape(b * heads, (r1 - r0) * w, h * w)
+            outputs.append(torch.softmax(scores, dim=-1) @ value)
+        out = torch.cat(outputs, dim=1).reshape(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return module.proj(out), None
+
+    return forward
+
+
 @contextlib.contextmanager
 def export_friendly(model: nn.Module) -> Iterator[int]:
-    """Temporarily compute channels-first LayerNorms (SAM's neck, mask upscaling) as a channels-last
-    ``F.layer_norm``, which the exporter emits as one ``LayerNormalization`` op instead of a decomposed
-    ReduceMean/Pow/Sqrt chain (slower, and overflow-prone in fp16). Yields how many modules were patched."""
+    """Temporarily make the model export to cheaper graphs computing the same function:
+
+    - channels-first LayerNorms (SAM's neck, mask upscaling) as a channels-last ``F.layer_norm``, which the
+      exporter emits as one ``LayerNormalization`` op instead of a decomposed ReduceMean/Pow/Sqrt chain (slower,
+      and overflow-prone in fp16);
+    - the ViT image encoder's global attention in chunks of query rows (:func:`_chunked_attention_forward`):
+      ONNX Runtime's peak memory for MedSAM ViT-B's encoder falls with it (benchmarks/RESULTS.md).
+
+    Yields how many modules were patched."""
     patched = [m for m in model.modules() if _is_channels_first_layernorm(m) and hasattr(m, "eps")]
     for m in patched:
         m.forward = _channels_last_forward(m)
+    attention = [m for m in model.modules() if _is_sam_vision_attention(m)]
+    for m in attention:
+        m.forward = _chunked_attention_forward(m)
     try:
-        yield len(patched)
+        yield len(patched) + len(attention)
     finally:
-        for m in patched:
+        for m in patched + attention:
             del m.forward  # back to the class's forward
 
 

@@ -154,7 +154,9 @@ class MedSAM:
         self.cuda_options = options = resolve_options(cuda_options, device)
         cuda = options is not None and device == "cuda"  # provider options are CUDA's; captured: the encoder only
         enc_opts = options.provider_options(cuda_graph=options.cuda_graph) if cuda else None
-        self._encoder = create_session(os.fspath(encoder_path), device, threads, provider_options=enc_opts)
+        self._encoder = create_session(
+            os.fspath(encoder_path), device, threads, provider_options=enc_opts, memory_pattern=False
+        )
         self._decoder = create_session(
             os.fspath(decoder_path), device, threads, provider_options=options.provider_options() if cuda else None
         )

@@ -22,13 +22,14 @@ from medsam_rt_export.sources import hf_source, random_source
 
 def test_export_writes_the_contract(tiny_dir):
     assert sorted(p.name for p in tiny_dir.iterdir()) == [
+        "check_sample.npz",
         "decoder.fp16.onnx",
         "decoder.fp32.onnx",
         "encoder.fp16.onnx",
         "encoder.fp32.onnx",
         "manifest.json",
         "postprocess.onnx",
-    ]  # the default precisions: fp32, fp16; the postprocessing graph (masks on the GPU)
+    ]  # the default precisions: fp32, fp16; the load-time check's sample; the postprocessing graph (GPU masks)
     m = manifest_of(tiny_dir)
     assert m["format"] == "medsam-rt" and m["schema_version"] == 1
     assert m["model"]["random_weights"] is True and "RANDOM WEIGHTS" in m["warning"]

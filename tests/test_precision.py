@@ -28,6 +28,7 @@ def test_variants_files_and_manifest(all_dir):
     m = manifest_of(all_dir)
     assert m["precisions"] == ["fp32", "fp16", "int8"]
     assert sorted(p.name for p in all_dir.iterdir()) == [
+        "check_sample.npz",
         "decoder.fp16.onnx",
         "decoder.fp32.onnx",
         "encoder.fp16.onnx",
@@ -90,7 +91,7 @@ def test_int8_only_export_and_bad_precision_lists(tmp_path):
     m = manifest_of(out)
     assert m["precisions"] == ["int8"] and "checks" in m["parity"]["fp32"]  # the fp32 baseline is documented
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["decoder.fp32.onnx", "encoder.int8.onnx", "manifest.json", "postprocess.onnx"]
+    assert files == ["check_sample.npz", "decoder.fp32.onnx", "encoder.int8.onnx", "manifest.json", "postprocess.onnx"]
     assert MedSAM.load(out).precision == "int8"
     with pytest.raises(ModelDirError, match="no fp32 variant"):
         MedSAM.load(out, precision="fp32")
