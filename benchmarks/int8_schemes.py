@@ -32,7 +32,13 @@ CANDIDATES = ("s8", "s8-7bit", "u8", "s8-7bit-gelu-fp32", "u8-gelu-fp32", "stati
 
 def quantise(name: str, src: Path, dst: Path, preprocessing: dict) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     from medsam_rt.preprocess import Preprocessing, preprocess_image, to_rgb_uint8
     from medsam_rt.samples import validation_set
@@ -188,7 +194,7 @@ def main() -> None:
             row.update({"model": model, "hardware": hw, "rounds": args.rounds, "repeats": args.repeats})
             fh.write(json.dumps(row) + "\n")
 
-            def f(key, fmt):
+            def f(key, fmt, row=row):
                 return format(row[key], fmt) if key in row else "–"
 
             lines.append(

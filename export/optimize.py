@@ -223,9 +223,9 @@ def integer_weight_ranges(model: onnx.ModelProto) -> list[dict[str, Any]]:
 def saturation_free(rows: list[dict[str, Any]]) -> bool:
     """True when every integer op's products are exact on every ONNX Runtime CPU kernel: uint8 weights (the
     u8·u8 kernels widen to 16 bits before multiplying and accumulate in 32), or int8 weights within
-    [-64, 63] (two u8·s8 products then sum to at most 2·255·64 = 32640 < 32767, so a saturating 16-bit
-    pair-wise accumulation never saturates)."""
-    return all(r["dtype"] == "uint8" or (r["min"] >= -64 and r["max"] <= 63) for r in rows)
+    [-64, 64] (two u8·s8 products then sum to at most 2·255·64 = 32640 <= 32767 in magnitude, so a saturating
+    16-bit pair-wise accumulation never saturates; ``reduce_range`` gives such weights)."""
+    return all(r["dtype"] == "uint8" or (r["min"] >= -64 and r["max"] <= 64) for r in rows)
 
 
 def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
