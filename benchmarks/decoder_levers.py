@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve()
-THREADS = 2  # PyTorch's threads (the issue's setting) and ONNX Runtime's default here (physical cores)
+THREADS = 2  # default --threads: PyTorch's (the issue's setting) and ONNX Runtime's (physical cores here)
 #: (name, the lever's Levers fields), switched on cumulatively in this order; the last row is the default.
 LEVER_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("tokens-major, 1 mask token (all folds off)", {}),
@@ -120,12 +120,12 @@ def boxes_for(n: int) -> np.ndarray:
 # -- workers ---------------------------------------------------------------------------------------------------------
 
 
-def _session(graph: str, opts: dict[str, Any], profile: str | None = None) -> Any:
+def _session(graph: str, opts: dict[str, Any], threads: int, profile: str | None = None) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.intra_op_num_threads = int(opts.get("threads", THREADS))
+    so.intra_op_num_threads = int(opts.get("threads", threads))
     levels = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -151,7 +151,7 @@ def worker(spec: dict[str, Any], emb_path: str) -> None:
         from medsam_rt_export.graphs import segment_anything_decode
         from medsam_rt_export.lite import load_lite_net
 
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(spec["threads"])
         net = load_lite_net()[0]
         emb_t = torch.from_numpy(emb)
 
@@ -160,7 +160,8 @@ def worker(spec: dict[str, Any], emb_path: str) -> None:
                 segment_anything_decode(net.prompt_encoder, net.mask_decoder, emb_t, torch.from_numpy(boxes))
 
     else:
-        sess = _session(spec["graph"], spec.get("session", {}))
+        opts = {"allow_spinning": False} if spec["no_spin"] else {}
+        sess = _session(spec["graph"], {**opts, **spec.get("session", {})}, spec["threads"])
 
         def run(boxes: np.ndarray) -> None:
             sess.run(None, {"image_embeddings": emb, "boxes": boxes})
@@ -186,7 +187,8 @@ class Worker:
     def __init__(self, spec: dict[str, Any], emb_path: Path) -> None:
         self.spec = spec
         cmd = [sys.executable, str(HERE), "--worker", json.dumps(spec), "--embedding", str(emb_path)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"} if spec["no_spin"] else None  # before torch loads
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"worker {spec['name']} did not start (exit code {self.proc.poll()})")
 
@@ -203,12 +205,12 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def profile(graph: Path, emb_path: Path, n: int, runs: int = 10) -> dict[str, Any]:
+def profile(graph: Path, emb_path: Path, n: int, threads: int, runs: int = 10) -> dict[str, Any]:
     """ONNX Runtime's profile of ``graph`` at ``n`` boxes: ms per run by op type and the 12 costliest nodes."""
     import collections
 
     prefix = str(graph.with_name(f"profile-{n}"))
-    sess = _session(str(graph), {}, profile=prefix)
+    sess = _session(str(graph), {}, threads, profile=prefix)
     feeds = {"image_embeddings": np.load(emb_path), "boxes": boxes_for(n)}
     for _ in range(3):
         sess.run(None, feeds)
@@ -249,6 +251,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/medsam-rt-decoder-levers"), help="graph cache")
     ap.add_argument("--out", type=Path, default=HERE.parent / "results")
     ap.add_argument("--parts", default="targets,levers,session,share", help="subset of targets,levers,session,share")
+    ap.add_argument("--threads", type=int, default=THREADS, help="PyTorch's and ONNX Runtime's threads")
+    ap.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="no busy-waiting threads (PyTorch OMP_WAIT_POLICY=PASSIVE, ONNX Runtime allow_spinning=0): "
+        "fairer when other processes load the machine",
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--embedding", help=argparse.SUPPRESS)
@@ -307,6 +316,8 @@ def main() -> None:
     )
     started = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()
+    for s in specs:
+        s["threads"], s["no_spin"] = args.threads, args.no_spin
     workers = [Worker(s, emb_path) for s in specs]
     times: dict[tuple[str, int], list[float]] = {}
     try:
@@ -322,6 +333,7 @@ def main() -> None:
         for w in workers:
             w.close()
     rows = []
+    spin = {"allow_spinning": False} if args.no_spin else {}
     for s in specs:
         for n in s["box_counts"]:
             rows.append(
@@ -332,8 +344,11 @@ def main() -> None:
                     "model": "litemedsam",
                     "graph": Path(s["graph"]).name if "graph" in s else None,
                     "levers": s["levers"],
-                    "session": {**DEFAULT_SESSION, **s.get("session", {})} if s["kind"] == "ort" else None,
-                    "threads": s.get("session", {}).get("threads", THREADS),
+                    "session": {**DEFAULT_SESSION, "threads": args.threads, **spin, **s.get("session", {})}
+                    if s["kind"] == "ort"
+                    else {"torch_threads": args.threads, "OMP_WAIT_POLICY": "PASSIVE" if args.no_spin else None},
+                    "threads": s.get("session", {}).get("threads", args.threads),
+                    "no_spin": args.no_spin,
                     "n_boxes": n,
                     "lever_step": LEVER_STEPS[int(s["name"][6:])][0] if s["name"].startswith("lever:") else None,
                     "gmac": decoder_macs(dims, n, Levers(**s["levers"]) if s["levers"] else None) / 1e9,
@@ -350,7 +365,8 @@ def main() -> None:
             )
     if args.profile:
         for n in (1, 16):
-            rows.append({"benchmark": "decoder_levers", "backend": "profile", **profile(Path(new_graph), emb_path, n)})
+            row = profile(Path(new_graph), emb_path, n, args.threads)
+            rows.append({"benchmark": "decoder_levers", "backend": "profile", "threads": args.threads, **row})
     stamp = started.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"decoder-levers-{stamp}.jsonl"
@@ -364,7 +380,10 @@ def main() -> None:
 def report(rows: list[dict[str, Any]]) -> str:
     """Markdown: targets, the lever table (predicted MACs, measured time change), share threshold, session options."""
     med = {(r["backend"], r["n_boxes"]): r for r in rows if "median_ms" in r}
-    lines = [f"CPU: {rows[0]['cpu']} ({', '.join(rows[0]['cpu_flags'])}), {rows[0]['cores']} cores; times in ms", ""]
+    r0 = rows[0]
+    spin = "no spinning" if r0.get("no_spin") else "spinning (defaults)"
+    lines = [f"CPU: {r0['cpu']} ({', '.join(r0['cpu_flags'])}), {r0['cores']} cores, {r0['threads']} threads, {spin}"]
+    lines += [f"load average before, after: {r0['load_avg_before_after']}; ms", ""]
     new = f"lever:{len(LEVER_STEPS) - 1}"
     if ("pytorch", 1) in med and (new, 1) in med:
         head = "| backend | N=1 median | p95 | vs PyTorch | N=16 per box | p95 per box | vs PyTorch | GMAC/box N=1 |"

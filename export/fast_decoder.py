@@ -13,18 +13,22 @@ re-associations, per head (never summed across heads), each exact:
 
 - token→image attention (2 blocks + the final one): keys ``(X+PE)·Wkᵀ + bk``, values ``X·Wvᵀ + bv``.
   Scores ``q_h·Wk_h·(X+PE)ᵀ`` (``q_h·bk_h`` is constant over keys: softmax drops it) and output
-  ``(P_h·X)·Wv_hᵀ + bv_h`` (rows of ``P`` sum to 1). The image tokens are multiplied by 56 folded query rows
-  instead of being projected (C·L·d·h·2 → 2·7·h·C·L multiply-adds: 134 M+134 M → 59 M+59 M per box).
+  ``(P_h·X)·Wv_hᵀ + bv_h`` (rows of ``P`` sum to 1). The image tokens meet 7·h = 56 folded query rows instead
+  of being projected: 2·L·C·h·d → 2·7·h·C·L multiply-adds, 268 M → 117 M per attention and box.
 - image→token attention (2 blocks): scores ``(X+PE)·(Wq_hᵀ·k_hᵀ) + bq_h·k_hᵀ`` (the bias term varies over the 7
-  keys, so it stays) and output ``Σ_h P_h·(v_h·Wo_hᵀ) + bo``.
+  keys, so it stays) and output ``Σ_h P_h·(v_h·Wo_hᵀ) + bo`` (271 M → 117 M).
+- No bias add over the L image tokens: ``no_mask_embed`` moves into the first block's positional encoding and
+  value/output biases, each image→token output bias into head 0's values (each head's weights sum to 1).
 - The first block's image side (``X0 = embedding + no_mask_embed`` and ``PE``) is the same for every box of a
   call: from :attr:`Levers.share_first_block` boxes on, its un-folded K/V (token→image) and Q (image→token)
   projections are computed once per call and shared (an ONNX ``If`` on N; the cheaper form by MAC count switches
   at N = 3).
 - Only the IoU token and mask token 0 are read at the end, so the final attention runs 2 queries, and only row 0
   of the IoU head and hypernetwork MLP 0 are computed.
-- Tokens-major ``[N, L, C]`` throughout; the two 2×2-stride-2 transposed convolutions are two MatMuls on the
+- Tokens-major ``[N, L, C]`` throughout; the two 2×2-stride-2 transposed convolutions are two Gemms on the
   tokens (each token's 4×4 output pixels stay with it) and one final reshuffle of the ``[N, 256, 256]`` logits.
+- Residual + LayerNorm on 2-D views: ONNX Runtime (1.32) would otherwise fuse them into its CPU
+  ``SkipLayerNormalization``, measured ~5x slower than ``Add`` + ``LayerNormalization`` at [4096, 256].
 
 :class:`Levers` switches each re-association off, for measuring what it buys (``benchmarks/decoder_levers.py``).
 """
