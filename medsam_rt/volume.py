@@ -340,31 +340,42 @@ def ellipsoid_phantom(
     """
     d, h, w = shape
     rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij", sparse=True)
-    image = 60.0 + 25.0 * np.sin(x / 23.0) * np.cos(y / 31.0) + 0.0 * z
+    y, x = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij", sparse=True)
+    background = 60.0 + 25.0 * np.sin(x / 23.0) * np.cos(y / 31.0)
+    volume = np.empty(shape, np.uint8)
     truth = np.zeros(shape, label_dtype(len(ellipsoids)))
+    extents: list[list[int]] = [[] for _ in ellipsoids]
+    for z in range(d):  # slice by slice: memory of a few slices, whatever the depth
+        image = background.copy()
+        for k, ((zc, yc, xc), (rz, ry, rx)) in enumerate(ellipsoids, 1):
+            r2 = (
+                ((z - zc) * spacing[0] / rz) ** 2
+                + ((y - yc) * spacing[1] / ry) ** 2
+                + ((x - xc) * spacing[2] / rx) ** 2
+            )
+            inside = r2 <= 1.0
+            if inside.any():
+                image[inside] = 150.0 + 20.0 * (k % 4)
+                truth[z][inside] = k
+                ys, xs = np.nonzero(inside)
+                extents[k - 1].append((z, ys.min(), ys.max(), xs.min(), xs.max()))
+        volume[z] = np.clip(np.rint(image + rng.normal(0.0, noise, (h, w))), 0, 255)
     boxes = []
-    for k, ((zc, yc, xc), (rz, ry, rx)) in enumerate(ellipsoids, 1):
-        inside = (
-            ((z - zc) * spacing[0] / rz) ** 2 + ((y - yc) * spacing[1] / ry) ** 2 + ((x - xc) * spacing[2] / rx) ** 2
-        )
-        inside = inside <= 1.0
-        image = np.where(inside, 150.0 + 20.0 * (k % 4), image)
-        truth[inside] = k
-        zs, ys, xs = np.nonzero(inside)
+    for k, ext in enumerate(extents, 1):
+        if not ext:
+            raise ValueError(f"ellipsoid {k} lies outside the {shape} volume")
+        e = np.array(ext)
         boxes.append(
             [
-                max(0, xs.min() - margin),
-                max(0, ys.min() - margin),
-                zs.min(),
-                min(w, xs.max() + 1 + margin),
-                min(h, ys.max() + 1 + margin),
-                zs.max(),
+                max(0, e[:, 3].min() - margin),
+                max(0, e[:, 1].min() - margin),
+                e[:, 0].min(),
+                min(w, e[:, 4].max() + 1 + margin),
+                min(h, e[:, 2].max() + 1 + margin),
+                e[:, 0].max(),
             ]
         )
-    image = image + rng.normal(0.0, noise, shape)
-    volume = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return PhantomVolume(volume, truth, np.array(boxes, np.float64), tuple(float(s) for s in spacing))
+    return PhantomVolume(volume, truth, np.array(boxes, np.float64), tuple(float(v) for v in spacing))
 
 
 def label_dtype(n: int) -> np.dtype:

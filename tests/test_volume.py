@@ -222,9 +222,8 @@ def test_box3d_errors(boxes, message):
         validate_boxes3d(boxes, (4, 64, 64))
 
 
-def test_volume_errors(tiny_dir, lite):
-    model = MedSAM.load(tiny_dir)
+def test_volume_errors(lite):
     with pytest.raises(InvalidImageError, match=r"\(D, H, W\)"):
-        model.segment_volume(np.zeros((64, 64), np.uint8), [0, 0, 0, 10, 10, 0])
+        lite.segment_volume(np.zeros((64, 64), np.uint8), [0, 0, 0, 10, 10, 0])
     with pytest.raises(InvalidBoxError, match="under one pixel"):  # 10.1..10.3 px at 256/4096: 0..0 after flooring
         lite.segment_volume(np.zeros((1, 4096, 4096), np.uint8), [10.1, 10, 0, 10.3, 20, 0])
