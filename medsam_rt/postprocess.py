@@ -246,24 +246,6 @@ class UpscaleChain:
             acc += w[j, t] * v[r, idx[j, t]]
         return acc
 
-    def _points(self, v: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """float64 ``X[i[p], j[p]]`` of low-res values ``v`` (float64 ``(lh, lw)``) at output pixels ``(i, j)``."""
-        idx, w = self.rows.index, self.rows.weight
-        acc = w[i, 0] * self._width_pass(v, idx[i, 0], j)
-        for t in range(1, idx.shape[1]):
-            acc += w[i, t] * self._width_pass(v, idx[i, t], j)
-        return acc
-
-    def points(self, values: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """float64 ``(P,)``: the exact chain of low-res ``values`` ``(lh, lw)`` at output pixels ``(i[p], j[p])``
-        (rows, columns in the original image); the same bits as the dense chain there."""
-        v = np.asarray(values, np.float64)
-        i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
-        out = np.empty(i.shape, np.float64)
-        for a in range(0, i.size, _POINTS_CHUNK):
-            out[a : a + _POINTS_CHUNK] = self._points(v, i[a : a + _POINTS_CHUNK], j[a : a + _POINTS_CHUNK])
-        return out
-
     def _block(self, v: np.ndarray, a: int, b: int, c: int, d: int) -> np.ndarray:
         """float64 ``X[a:b, c:d]`` of float64 low-res values ``v``."""
         ri, rw = self.rows.index[a:b], self.rows.weight[a:b]
