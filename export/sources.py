@@ -207,8 +207,39 @@ def preprocessing_from_processor(cfg: dict[str, Any]) -> dict[str, Any]:
 def _offline_hint(model: str) -> str:
     return (
         f"cannot fetch '{model}' from the Hugging Face hub (no network or not found). Offline options: "
-        "--model DIR (a local SamModel checkpoint with preprocessor_config.json), "
+        "--model DIR (a local SamModel checkpoint with its processor config), "
         "or --random-weights --arch vit-base|tiny"
+    )
+
+
+#: Where a checkpoint keeps its image processor's config: transformers < 5 (and hub repos made with it, such as
+#: MedSAM's) write ``preprocessor_config.json``; ``SamProcessor.save_pretrained`` on transformers 5 writes
+#: ``processor_config.json`` with the image processor nested under ``"image_processor"``.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def read_processor_config(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The image processor config of a SamModel checkpoint directory, from either layout (:data:`PROCESSOR_FILES`).
+
+    Raises:
+        ExportError: neither file, an unreadable one, or a ``processor_config.json`` without an image processor.
+    """
+    for name in PROCESSOR_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ExportError(f"cannot read {path}: {one_line(exc)}") from None
+        if name == "processor_config.json":
+            cfg = cfg.get("image_processor") if isinstance(cfg, dict) else None
+        if not isinstance(cfg, dict):
+            raise ExportError(f"{path} holds no image processor config (expected an \"image_processor\" object)")
+        return path, cfg
+    raise ExportError(
+        f"{directory} has neither {' nor '.join(PROCESSOR_FILES)}; a SamModel checkpoint needs its image "
+        "processor's config (save it with SamProcessor.save_pretrained or SamImageProcessor.save_pretrained)"
     )
 
 
@@ -229,14 +260,13 @@ def hf_source(model: str) -> Source:
         except Exception as exc:  # hub errors come in many types (HTTP, offline, auth)
             raise ExportError(f"{_offline_hint(model)} [{type(exc).__name__}]") from None
         kind = "hf_hub"
-    for name in ("config.json", "preprocessor_config.json"):
-        if not (directory / name).is_file():
-            raise ExportError(f"{directory} has no {name}; a SamModel checkpoint needs config.json and {name}")
+    if not (directory / "config.json").is_file():
+        raise ExportError(f"{directory} has no config.json; a SamModel checkpoint needs it")
+    processor_file, processor = read_processor_config(directory)
     weights = [directory / w for w in _WEIGHT_FILES if (directory / w).is_file()]
     if not weights:
         raise ExportError(f"{directory} has no weights ({' or '.join(_WEIGHT_FILES)})")
     try:
-        processor = json.loads((directory / "preprocessor_config.json").read_text())
         config = SamConfig.from_pretrained(directory)
         config._attn_implementation = "eager"
         sam, info = SamModel.from_pretrained(
@@ -262,7 +292,7 @@ def hf_source(model: str) -> Source:
             "source": model if kind == "hf_hub" else str(path.resolve()),
             "kind": kind,
             "arch": f"sam-vit hidden={vision.hidden_size} layers={vision.num_hidden_layers}",
-            "checksum": _sha256_files([directory / "config.json", directory / "preprocessor_config.json", *weights]),
+            "checksum": _sha256_files([directory / "config.json", processor_file, *weights]),
             "random_weights": False,
         },
         processor,

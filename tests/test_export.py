@@ -158,8 +158,12 @@ def test_bad_sources(tmp_path, hf_dir):
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     (broken / "preprocessor_config.json").unlink()
-    with pytest.raises(ExportError, match="no preprocessor_config.json"):
+    with pytest.raises(ExportError, match="has neither preprocessor_config.json nor processor_config.json"):
         hf_source(str(broken))
+    (broken / "processor_config.json").write_text(json.dumps({"processor_class": "SamProcessor"}))
+    with pytest.raises(ExportError, match="holds no image processor config"):
+        hf_source(str(broken))
+    (broken / "processor_config.json").unlink()
     shutil.copy(hf_dir / "preprocessor_config.json", broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
@@ -185,3 +189,21 @@ def test_bad_sources(tmp_path, hf_dir):
         export_model(tmp_path / "o", random_weights=True, arch="tiny", opset=9)
     with pytest.raises(ExportError, match="unknown --arch"):
         random_source("vit-huge")
+
+
+def test_checkpoint_saved_with_samprocessor_exports(tmp_path, tiny_source, hf_dir):
+    """``SamProcessor.save_pretrained`` (transformers 5: ``processor_config.json``, the image processor nested
+    under ``"image_processor"``; transformers 4: ``preprocessor_config.json``) gives a directory that exports with
+    the same preprocessing as the processor's own config."""
+    from conftest import CUSTOM_PROCESSOR, seed_processor
+
+    d = tmp_path / "saved"
+    tiny_source.model.save_pretrained(d)
+    seed_processor(**CUSTOM_PROCESSOR).save_pretrained(d)
+    written = {p.name for p in d.iterdir()} & {"preprocessor_config.json", "processor_config.json"}
+    assert written  # whichever layout the installed transformers writes
+    source = hf_source(str(d))
+    assert source.preprocessing == hf_source(str(hf_dir)).preprocessing  # hf_dir: preprocessor_config.json
+    assert source.preprocessing["interpolation"] == "bicubic" and source.preprocessing["image_mean"] == [0.5, 0.4, 0.3]
+    out = export_model(tmp_path / "m", model=str(d), precisions="fp32")
+    assert manifest_of(out)["preprocessing"] == source.preprocessing
