@@ -267,7 +267,7 @@ class MedSAM:
             model_id=f"{manifest.model_id}#{precision}",
             threads=threads,
             manifest=manifest,
-            cache=cache,
+            cache=False,  # the load-time check's images stay out of the caller's cache
             cuda_options=options,
             postprocess_path=post.path if post is not None else None,
         )
@@ -280,6 +280,7 @@ class MedSAM:
         model.precision_check = report
         if report is not None and not report["passed"]:
             raise refusal(manifest, precision, report)
+        model.cache = _make_cache(cache)
         return model
 
     @property
