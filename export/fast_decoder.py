@@ -20,9 +20,10 @@ re-associations, per head (never summed across heads), each exact:
 - No bias add over the L image tokens: ``no_mask_embed`` moves into the first block's positional encoding and
   value/output biases, each image→token output bias into head 0's values (each head's weights sum to 1).
 - The first block's image side (``X0 = embedding + no_mask_embed`` and ``PE``) is the same for every box of a
-  call: from :attr:`Levers.share_first_block` boxes on, its un-folded K/V (token→image) and Q (image→token)
-  projections are computed once per call and shared (an ONNX ``If`` on N; the cheaper form by MAC count switches
-  at N = 3).
+  call; :attr:`Levers.share_first_block` can compute its un-folded K/V (token→image) and Q (image→token)
+  projections once per call from that many boxes on (an ONNX ``If`` on N; fewer multiply-adds from N = 3). Off by
+  default: it did not pay when measured (``benchmarks/DECODER.md``), and without it a box's logits do not depend
+  on the other boxes of the call, bit for bit.
 - Only the IoU token and mask token 0 are read at the end, so the final attention runs 2 queries, and only row 0
   of the IoU head and hypernetwork MLP 0 are computed.
 - Tokens-major ``[N, L, C]`` throughout; the two 2×2-stride-2 transposed convolutions are two Gemms on the
@@ -60,7 +61,7 @@ class Levers:
         fold_image_to_token_out: fold the output projection into the 7 values (2 image→token attentions).
         fold_image_to_token_query: fold the query projection into the 7 keys (2 image→token attentions).
         share_first_block: from this many boxes per call on, the first block's image-side projections are computed
-            once per call (``If`` on N); 0 never, 1 always.
+            once per call (``If`` on N); 0 never (the default: measured no gain), 1 always.
         final_two_queries: the final token→image attention runs only the IoU token and mask token 0.
         fold_biases: no bias add over the L image tokens: ``no_mask_embed`` moves into the first block's positional
             encoding and biases, each image→token output bias into head 0's values (its weights sum to 1).
@@ -72,7 +73,7 @@ class Levers:
     fold_token_to_image: bool = True
     fold_image_to_token_out: bool = True
     fold_image_to_token_query: bool = True
-    share_first_block: int = 3
+    share_first_block: int = 0
     final_two_queries: bool = True
     fold_biases: bool = True
     norm_2d: bool = True
@@ -296,9 +297,10 @@ class FastBoxDecoder(nn.Module):
         corners = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1) + self.corner_embeds
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(n, -1, -1), corners], dim=1)  # [N, 7, C]
 
-        x = image_embeddings.reshape(1, c, -1).transpose(1, 2)  # [1, L, C]: the same for all boxes
+        xt = image_embeddings.reshape(1, c, -1)  # [1, C, L]: X0ᵀ, the same for all boxes
         if not lev.fold_biases:
-            x = x + self.no_mask_embed
+            xt = xt + self.no_mask_embed.reshape(1, c, 1)
+        x = xt.transpose(1, 2)  # [1, L, C]
         queries = tokens
         for i, blk in enumerate(self.blocks):
             first = i == 0
@@ -309,7 +311,8 @@ class FastBoxDecoder(nn.Module):
                 queries = blk.norm1.residual(queries, blk.self_attn(q, q, queries))
             xp = x + (self.dense_pe_first if first and lev.fold_biases else self.dense_pe)
             share = first and lev.share_first_block > 0
-            queries = blk.norm2.residual(queries, blk.t2i(queries + tokens, xp, x, share, lev))
+            t2i = blk.t2i(queries + tokens, xp, x, share, lev, xt if first else None)
+            queries = blk.norm2.residual(queries, t2i)
             queries = blk.norm3.residual(queries, blk.mlp(queries, blk.mlp_act))
             attn = blk.i2t(xp, queries + tokens, queries, share, lev)
             x = blk.norm4.residual(x, attn)  # [N, L, C] from here on
@@ -339,7 +342,9 @@ class FastBoxDecoder(nn.Module):
         y = F.linear(x.reshape(-1, c), self.up1_w, self.up1_b)  # [N*L, (a, b, C/4)]: (a, b) the sub-pixel
         y = self.up_act(self.up_norm(y.reshape(-1, self.up2_w.shape[1])))  # [N*L*4, C/4]
         y = self.up_act(F.linear(y, self.up2_w, self.up2_b))  # [N*L*4, (a', b', C/8)]
-        m = y.reshape(n, -1, hyper.shape[1]) @ hyper.unsqueeze(2)  # [N, L*16, 1]
+        # hyperᵀ·yᵀ (one row against L*16 columns) rather than y·hyper: ONNX Runtime's single-row kernel sums
+        # each pixel in the same order whatever N and the thread count (y·hyper's does not at 8 threads)
+        m = hyper.unsqueeze(1) @ y.reshape(n, -1, hyper.shape[1]).transpose(-1, -2)  # [N, 1, L*16]
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
         m = m.reshape(n, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
         return m.reshape(n, 1, 4 * h, 4 * w)
@@ -498,10 +503,19 @@ class _TokenAttention(_Attention):
 class _TokenToImage(_Attention):
     """Prompt tokens (queries) attending to the image tokens (keys ``X + PE``, values ``X``)."""
 
-    def forward(self, q: torch.Tensor, xp: torch.Tensor, x: torch.Tensor, share: bool, lev: Levers) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        xp: torch.Tensor,
+        x: torch.Tensor,
+        share: bool,
+        lev: Levers,
+        xt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``q [N, T, C]``, ``xp = X + PE`` and ``x = X`` ``[1 or N, L, C]`` -> ``[N, T, C]``.
 
-        ``share``: ``x`` is the first block's ``[1, L, C]``; from ``lev.share_first_block`` boxes on, project it.
+        ``xt``: ``Xᵀ [1, C, L]`` when ``X`` is the first block's (the embedding as it comes, in NCHW).
+        ``share``: from ``lev.share_first_block`` boxes on, project the first block's ``X`` once per call.
         """
         qh = self.heads(q, "q")  # [N, h, T, d], scaled
         own_scores = self._scores_folded if lev.fold_token_to_image else self._scores_projected
@@ -516,7 +530,7 @@ class _TokenToImage(_Attention):
         p = torch.softmax(scores, dim=-1)  # [N, h, T, L]
         if share:
             return self.out(torch.cond(shared, self._values_projected, own_values, (p, x)))
-        return self.out(own_values(p, x))
+        return self.out(self._values_folded(p, x, xt) if lev.fold_token_to_image else self._values_projected(p, x))
 
     def absorb_value_offset(self, offset: torch.Tensor) -> None:
         """The image values will be ``X - offset``: add ``Wv·offset`` to the value bias (exact)."""
@@ -538,11 +552,18 @@ class _TokenToImage(_Attention):
         """``P_h·(X·Wv_hᵀ + bv_h)`` with the L image tokens projected -> ``[N, h, T, d]``."""
         return p @ self.heads(x, "v")
 
-    def _values_folded(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``(P_h·X)·Wv_hᵀ + bv_h`` (rows of P sum to 1) -> ``[N, h, T, d]``."""
+    def _values_folded(self, p: torch.Tensor, x: torch.Tensor, xt: torch.Tensor | None = None) -> torch.Tensor:
+        """``(P_h·X)·Wv_hᵀ + bv_h`` (rows of P sum to 1) -> ``[N, h, T, d]``.
+
+        Computed as ``Xᵀ·Pᵀ``: C = 256 rows against 7h = 56 columns, which ONNX Runtime's GEMM splits over its
+        threads by rows, so each box's values are summed in the same order whatever N (``P·X``, 56 rows against
+        256 columns, is split by columns, and the column panels' K blocking changes with N): a box's logits do
+        not depend on the other boxes of the call, bit for bit. ``xt``: ``Xᵀ`` when given (the first block's).
+        """
         n, h, t, _ = p.shape
-        px = (p.reshape(n, h * t, -1) @ x).reshape(n, h, t, -1)  # [N, h, T, C]
-        return px @ self.wv.transpose(-1, -2) + self.bv
+        xt = x.transpose(-1, -2) if xt is None else xt  # [1|N, C, L]
+        px = (xt @ p.reshape(n, h * t, -1).transpose(-1, -2)).transpose(-1, -2)  # [N, C, h*T] -> [N, h*T, C]
+        return px.reshape(n, h, t, -1) @ self.wv.transpose(-1, -2) + self.bv
 
 
 class _ImageToToken(_Attention):
