@@ -43,7 +43,6 @@ LEVER_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("final attention: 2 queries", {"final_two_queries": True}),
     ("bias adds over the image tokens folded", {"fold_biases": True}),
     ("upscaling as 2 Gemms on the tokens (not ConvTranspose)", {"upscale": "matmul"}),
-    ("first block's image projections shared from N=3 (If)", {"share_first_block": 3}),
 ]
 #: ONNX Runtime's settings as medsam_rt/providers.py creates sessions (allow_spinning: ONNX Runtime's default).
 DEFAULT_SESSION = {"threads": THREADS, "opt_level": "all", "allow_spinning": True, "mem_pattern": True, "arena": True}
@@ -56,7 +55,10 @@ SESSION_SETS: dict[str, dict[str, Any]] = {
     "memory pattern off": {"mem_pattern": False},
     "cpu arena off": {"arena": False},
 }
-SHARE_CHECK = (1, 2, 3, 4)  # box counts at which "always share" and "never share" are compared
+#: The first block's image-side projections shared by the boxes of a call (an If on N), against the default (never):
+#: name -> share_first_block, measured at these box counts.
+SHARE_SETS = {"share:from 3": 3, "share:always": 1}
+SHARE_CHECK = (1, 2, 3, 4, 16)
 
 
 def levers_at(step: int) -> dict[str, Any]:
@@ -71,15 +73,20 @@ def levers_at(step: int) -> dict[str, Any]:
 # -- graphs ----------------------------------------------------------------------------------------------------------
 
 
-def build_graph(work: Path, net: Any, levers: dict[str, Any] | None) -> Path:
-    """Export + optimise (as ``medsam-rt export`` does) one decoder graph into ``work``, cached by its config."""
+def build_graph(work: Path, net: Any, levers: dict[str, Any] | None, python_optimizer: bool = True) -> Path:
+    """Export + optimise (as ``medsam-rt export`` does) one decoder graph into ``work``, cached by its config.
+
+    ``python_optimizer=False``: only ONNX Runtime's own session-time optimisation (the transformer optimizer
+    breaks graphs whose If branches read outer values: it drops a Transpose they use).
+    """
     import medsam_rt_export.fast_decoder as fd
     from medsam_rt_export.fast_decoder import FastBoxDecoder, Levers
     from medsam_rt_export.graphs import SegmentAnythingDecoderGraph, export_decoder_graph
     from medsam_rt_export.optimize import export_friendly, optimize
 
     code = Path(fd.__file__).read_bytes()  # a changed module invalidates the cached graphs
-    key = hashlib.sha256(json.dumps(levers, sort_keys=True).encode() + code).hexdigest()[:12]
+    config = json.dumps([levers, python_optimizer], sort_keys=True).encode()
+    key = hashlib.sha256(config + code).hexdigest()[:12]
     path = work / f"decoder-{'old' if levers is None else key}.onnx"
     if path.is_file():
         return path
@@ -90,8 +97,11 @@ def build_graph(work: Path, net: Any, levers: dict[str, Any] | None) -> Path:
         module = FastBoxDecoder.from_segment_anything(net.prompt_encoder, net.mask_decoder, Levers(**levers))
     with export_friendly(net):
         export_decoder_graph(module, raw, 256, 256, 18)
-    optimize(raw, path)
-    raw.unlink()
+    if python_optimizer:
+        optimize(raw, path)
+        raw.unlink()
+    else:
+        raw.rename(path)
     return path
 
 
@@ -177,9 +187,9 @@ def worker(spec: dict[str, Any], emb_path: str) -> None:
             warm.add(n)
         times = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(boxes)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
         print(json.dumps(times), flush=True)
 
 
@@ -192,7 +202,7 @@ class Worker:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"worker {spec['name']} did not start (exit code {self.proc.poll()})")
 
-    def measure(self, n: int, repeats: int) -> list[float]:
+    def measure(self, n: int, repeats: int) -> list[list[float]]:
         self.proc.stdin.write(f"{n} {repeats}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -234,13 +244,17 @@ def profile(graph: Path, emb_path: Path, n: int, threads: int, runs: int = 10) -
     }
 
 
-def _stats(times: list[float], n: int) -> dict[str, float]:
-    ms = np.array(times) * 1e3
+def _stats(times: list[list[float]], n: int) -> dict[str, float]:
+    """Wall-clock stats, and the process's CPU time per call (all its threads; with one thread and no spinning it
+    is the compute time without the time the process waited for a core on a loaded machine)."""
+    wall, cpu = (np.array(t) * 1e3 for t in zip(*times, strict=True))
     return {
-        "median_ms": float(np.median(ms)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "min_ms": float(ms.min()),
-        "per_box_median_ms": float(np.median(ms)) / n,
+        "median_ms": float(np.median(wall)),
+        "p95_ms": float(np.percentile(wall, 95)),
+        "min_ms": float(wall.min()),
+        "per_box_median_ms": float(np.median(wall)) / n,
+        "cpu_median_ms": float(np.median(cpu)),
+        "cpu_per_box_median_ms": float(np.median(cpu)) / n,
     }
 
 
@@ -280,6 +294,8 @@ def main() -> None:
     dims = FastBoxDecoder.from_segment_anything(net.prompt_encoder, net.mask_decoder).dims
     emb_path = embedding(args.work, net)
     default = levers_at(len(LEVER_STEPS) - 1)
+    if Levers(**default) != Levers():
+        raise RuntimeError(f"the last lever step {default} is not FastBoxDecoder's default {Levers()}")
     specs: list[dict[str, Any]] = [{"name": "pytorch", "kind": "pytorch", "levers": None, "box_counts": [1, 16]}]
     specs.append({"name": "old", "kind": "ort", "levers": None, "graph": str(build_graph(args.work, net, None))})
     specs[-1]["box_counts"] = [1, 16]
@@ -290,11 +306,19 @@ def main() -> None:
         specs.append({"name": f"lever:{i}", "kind": "ort", "levers": lev, "graph": graph, "box_counts": [1, 16]})
     new_graph = specs[-1]["graph"]
     if "share" in parts:
-        for share in (0, 1):
+        for name, share in {"share:never": 0, **SHARE_SETS}.items():  # all without the Python optimizer (see above)
             lev = {**default, "share_first_block": share}
-            graph = str(build_graph(args.work, net, lev))
-            name = f"share:{'never' if share == 0 else 'always'}"
-            specs.append({"name": name, "kind": "ort", "levers": lev, "graph": graph, "box_counts": list(SHARE_CHECK)})
+            graph = str(build_graph(args.work, net, lev, python_optimizer=False))
+            specs.append(
+                {
+                    "name": name,
+                    "kind": "ort",
+                    "levers": lev,
+                    "graph": graph,
+                    "box_counts": list(SHARE_CHECK),
+                    "python_optimizer": False,
+                }
+            )
     if "session" in parts:
         for name, opts in list(SESSION_SETS.items())[1:]:
             specs.append(
@@ -319,7 +343,7 @@ def main() -> None:
     for s in specs:
         s["threads"], s["no_spin"] = args.threads, args.no_spin
     workers = [Worker(s, emb_path) for s in specs]
-    times: dict[tuple[str, int], list[float]] = {}
+    times: dict[tuple[str, int], list[list[float]]] = {}
     try:
         for r in range(args.rounds):
             order = workers if r % 2 == 0 else workers[::-1]
@@ -343,6 +367,7 @@ def main() -> None:
                     "kind": s["kind"],
                     "model": "litemedsam",
                     "graph": Path(s["graph"]).name if "graph" in s else None,
+                    "python_optimizer": s.get("python_optimizer", True) if s["kind"] == "ort" else None,
                     "levers": s["levers"],
                     "session": {**DEFAULT_SESSION, "threads": args.threads, **spin, **s.get("session", {})}
                     if s["kind"] == "ort"
@@ -387,15 +412,21 @@ def report(rows: list[dict[str, Any]]) -> str:
     new = f"lever:{len(LEVER_STEPS) - 1}"
     if ("pytorch", 1) in med and (new, 1) in med:
         head = "| backend | N=1 median | p95 | vs PyTorch | N=16 per box | p95 per box | vs PyTorch | GMAC/box N=1 |"
-        lines += [head, "|---|---|---|---|---|---|---|---|"]
+        lines += [head + " CPU ms N=1 | vs PyTorch | CPU ms/box N=16 | vs PyTorch |", "|---" * 12 + "|"]
         for name, label in (("pytorch", "PyTorch segment-anything decoder"), ("old", "old graph"), (new, "new graph")):
             a, b = med[(name, 1)], med[(name, 16)]
-            pt1, pt16 = med[("pytorch", 1)]["median_ms"], med[("pytorch", 16)]["per_box_median_ms"]
+            pt1, pt16 = med[("pytorch", 1)], med[("pytorch", 16)]
             lines.append(
-                f"| {label} | {a['median_ms']:.1f} | {a['p95_ms']:.1f} | {a['median_ms'] / pt1:.2f}x | "
-                f"{b['per_box_median_ms']:.1f} | {b['p95_ms'] / 16:.1f} | {b['per_box_median_ms'] / pt16:.2f}x | "
-                f"{a['gmac']:.2f} |"
+                f"| {label} | {a['median_ms']:.1f} | {a['p95_ms']:.1f} | {a['median_ms'] / pt1['median_ms']:.2f}x | "
+                f"{b['per_box_median_ms']:.1f} | {b['p95_ms'] / 16:.1f} | "
+                f"{b['per_box_median_ms'] / pt16['per_box_median_ms']:.2f}x | {a['gmac']:.2f} |"
             )
+            if "cpu_median_ms" in a:
+                lines[-1] += (
+                    f" {a['cpu_median_ms']:.1f} | {a['cpu_median_ms'] / pt1['cpu_median_ms']:.2f}x | "
+                    f"{b['cpu_per_box_median_ms']:.1f} | "
+                    f"{b['cpu_per_box_median_ms'] / pt16['cpu_per_box_median_ms']:.2f}x |"
+                )
         lines.append("")
     if ("lever:0", 1) in med:
         lines += ["| lever (added to the row above; the first row vs the old graph) | predicted GMAC/box N=1 / N=16 | "]
@@ -415,10 +446,12 @@ def report(rows: list[dict[str, Any]]) -> str:
             prev = cur
         lines.append("")
     if ("share:never", 1) in med:
-        lines += ["| box count | never shared ms | always shared ms | GMAC never / always |", "|---|---|---|---|"]
+        names = ["share:never", *SHARE_SETS]
+        lines += ["| box count | " + " | ".join(f"{k[6:]} ms/box (GMAC/box)" for k in names) + " |"]
+        lines += ["|---" * (len(names) + 1) + "|"]
         for n in SHARE_CHECK:
-            a, b = med[("share:never", n)], med[("share:always", n)]
-            lines.append(f"| {n} | {a['median_ms']:.1f} | {b['median_ms']:.1f} | {a['gmac']:.2f} / {b['gmac']:.2f} |")
+            cells = [f"{med[(k, n)]['per_box_median_ms']:.1f} ({med[(k, n)]['gmac'] / n:.2f})" for k in names]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     sessions = [r for r in rows if r["backend"].startswith("session:")]
     if sessions and (new, 1) in med:

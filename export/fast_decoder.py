@@ -30,6 +30,9 @@ re-associations, per head (never summed across heads), each exact:
   tokens (each token's 4×4 output pixels stay with it) and one final reshuffle of the ``[N, 256, 256]`` logits.
 - Residual + LayerNorm on 2-D views: ONNX Runtime (1.32) would otherwise fuse them into its CPU
   ``SkipLayerNormalization``, measured ~5x slower than ``Add`` + ``LayerNormalization`` at [4096, 256].
+- Batch-invariant bit for bit: the products that sum over the 4096 image tokens are laid out so that ONNX
+  Runtime's GEMM splits them over threads by rows (``Xᵀ·Pᵀ``, not ``P·X``), so a box's logits do not depend on how
+  many other boxes share its call (tested at 1–8 threads; the CUDA path's padded buckets rely on it).
 
 :class:`Levers` switches each re-association off, for measuring what it buys (``benchmarks/decoder_levers.py``).
 """
