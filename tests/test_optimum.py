@@ -22,6 +22,9 @@ def test_optimum_export_matches_medsam_rt_embeddings(tiny_dir, tmp_path):
     state = embed(image)
     ours = MedSAM.load(tiny_dir, precision="fp32").embed(image)
     np.testing.assert_allclose(state[0], ours.embeddings, atol=1e-4)  # the same model, exported twice
-    masks = segment(state, np.array([[10.0, 20, 120, 150], [50, 5, 230, 90]]))
-    assert masks.shape == (2, 180, 240) and masks.dtype == bool
+    crops = segment(state, np.array([[10.0, 20, 120, 150], [50, 5, 230, 90]]))
+    assert len(crops) == 2  # one mask crop per box, inside the original image
+    for crop in crops:
+        dense = crop.dense((180, 240))
+        assert dense.shape == (180, 240) and dense.dtype == bool and dense.sum() == crop.area
     assert extra["graph_mib"] > 0
