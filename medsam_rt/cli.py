@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--csv", type=Path, metavar="FILE", help="per case and label CSV (default: PRED_DIR/metrics.csv)")
     mt.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: %(default)s)")
     mt.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    from .scale.cli import add_parsers as add_scale_parsers  # `batch`, `triton` (issue 18): its own module
+
+    add_scale_parsers(sub)
     return parser
 
 
@@ -649,6 +653,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .scale.cli import COMMANDS
+
+    return COMMANDS[args.command](args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -662,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": _cmd_bench,
             "challenge": _cmd_challenge,
             "metrics": _cmd_metrics,
+            "batch": _cmd_scale,
+            "triton": _cmd_scale,
         }
         return commands[args.command](args)
     except MedSAMError as exc:
