@@ -367,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: %(default)s)")
     mt.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    from .scale.cli import add_parsers as add_scale_parsers  # `batch`, `triton` (issue 18): its own module
+    from .serve.cli import add_parser as add_serve_parser  # `serve` (issue 17): its own module
 
-    add_scale_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -653,10 +653,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_scale(args: argparse.Namespace) -> int:
-    from .scale.cli import COMMANDS
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import run
 
-    return COMMANDS[args.command](args)
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -672,8 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": _cmd_bench,
             "challenge": _cmd_challenge,
             "metrics": _cmd_metrics,
-            "batch": _cmd_scale,
-            "triton": _cmd_scale,
+            "serve": _cmd_serve,
         }
         return commands[args.command](args)
     except MedSAMError as exc:
