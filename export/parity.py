@@ -211,8 +211,17 @@ def check_variant(
         "ran_on": cpu_info(),
     }
     if gate_dice and report["min_dice"] < DICE_MIN[precision]:
-        raise GateError(precision, "mask Dice vs fp32", report["min_dice"], f">= {DICE_MIN[precision]}", worst[0])
+        raise GateError(
+            precision,
+            "mask Dice vs fp32",
+            report["min_dice"],
+            f">= {DICE_MIN[precision]}",
+            worst[0],
+            limit=DICE_MIN[precision],
+        )
     if gate_dice and report["max_iou_diff"] > IOU_MAX_DIFF:
-        raise GateError(precision, "IoU-score diff vs fp32", report["max_iou_diff"], f"<= {IOU_MAX_DIFF}", "")
+        raise GateError(
+            precision, "IoU-score diff vs fp32", report["max_iou_diff"], f"<= {IOU_MAX_DIFF}", "", limit=IOU_MAX_DIFF
+        )
     report["passed"] = True
     return report

@@ -8,32 +8,58 @@
 """
 
 from .errors import (
+    ChallengeError,
+    DemoError,
     EmbeddingMismatchError,
     ExportError,
+    GateError,
     InvalidBoxError,
     InvalidImageError,
+    InvalidSliceError,
+    InvalidWindowError,
+    LabelOverflowError,
+    LabelVolumeError,
+    MaskFormatError,
     MedSAMError,
+    MetricsError,
     ModelDirError,
+    OptionSetError,
+    OutputFormatError,
     ParityError,
     PrecisionCheckError,
     ProviderUnavailableError,
+    SeriesError,
+    UsageError,
 )
 from .model import ImageEmbedding, MedSAM, Segmentation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChallengeError",
+    "DemoError",
     "EmbeddingMismatchError",
     "ExportError",
+    "GateError",
     "ImageEmbedding",
     "InvalidBoxError",
     "InvalidImageError",
+    "InvalidSliceError",
+    "InvalidWindowError",
+    "LabelOverflowError",
+    "LabelVolumeError",
+    "MaskFormatError",
     "MedSAM",
     "MedSAMError",
+    "MetricsError",
     "ModelDirError",
+    "OptionSetError",
+    "OutputFormatError",
     "ParityError",
     "PrecisionCheckError",
     "ProviderUnavailableError",
     "Segmentation",
+    "SeriesError",
+    "UsageError",
     "__version__",
 ]

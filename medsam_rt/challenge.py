@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import MedSAMError
+from .errors import ChallengeError
 from .io import atomic_write
 from .volume import label_dtype, paint_label
 
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 
 #: The per-case time table's file name (as the reference's).
 TIMES_FILE = "efficiency.csv"
-
-
-class ChallengeError(MedSAMError, ValueError):
-    """A challenge folder or case is unusable (missing folder, no case, unreadable npz, missing array)."""
 
 
 @dataclass(frozen=True)

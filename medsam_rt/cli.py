@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .errors import InvalidBoxError, MedSAMError
+from .errors import InvalidBoxError, MedSAMError, UsageError
 from .io import check_parent_writable
 from .manifest import PRECISIONS
 from .providers import DEVICES
@@ -57,10 +57,6 @@ EXAMPLES_INFO = """examples:
   medsam-rt info models/litemedsam
   medsam-rt info models/litemedsam --json
 """
-
-
-class UsageError(MedSAMError, ValueError):
-    """A command-line argument is unusable."""
 
 
 def _parse_box(text: str) -> list[float]:
@@ -370,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_serve_parser  # `serve` (issue 17): its own module
 
     add_serve_parser(sub)
+
+    from .scale.cli import add_parsers as add_scale_parsers  # `batch`, `triton` (issue 18): its own module
+
+    add_scale_parsers(sub)
     return parser
 
 
@@ -659,6 +659,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .scale.cli import COMMANDS
+
+    return COMMANDS[args.command](args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -672,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": _cmd_bench,
             "challenge": _cmd_challenge,
             "metrics": _cmd_metrics,
+            "batch": _cmd_scale,
+            "triton": _cmd_scale,
             "serve": _cmd_serve,
         }
         return commands[args.command](args)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .errors import MedSAMError, ModelDirError
+from .errors import ModelDirError, OptionSetError
 from .manifest import METADATA_PREFIX, GraphEntry, Manifest, verify_graph
 from .masks import MaskCrop
 from .postprocess import axis_matrix
@@ -44,10 +44,6 @@ ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 #: Masks made on the device are built at most this many bytes of float logits at a time (boxes per chunk).
 DEVICE_CHUNK_BYTES = 256 * 2**20
-
-
-class OptionSetError(MedSAMError, ValueError):
-    """An unknown or inconsistent CUDA option set."""
 
 
 @dataclass(frozen=True)

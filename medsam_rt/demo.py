@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import timed
-from .errors import MedSAMError
+from .errors import DemoError, MedSAMError
 from .io import save_png
 from .manifest import MANIFEST_NAME
 from .model import MedSAM
@@ -18,10 +18,6 @@ from .preprocess import to_rgb_uint8
 from .samples import Sample, dice, validation_set
 
 DEFAULT_MODEL_DIR = Path("models/litemedsam")
-
-
-class DemoError(MedSAMError, RuntimeError):
-    """The demo cannot run (e.g. the model must be exported but the export extras are missing)."""
 
 
 def ensure_model(model_dir: Path, log: Callable[[str], None]) -> None:

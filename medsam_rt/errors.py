@@ -63,10 +63,96 @@ class ParityError(ExportError):
 
 
 class GateError(ParityError):
-    """A precision variant failed its gate (NaN/Inf on extreme inputs, or masks too far from fp32)."""
+    """A precision variant failed its gate (NaN/Inf on extreme inputs, or masks too far from fp32).
 
-    def __init__(self, precision: str, metric: str, value: float, bound: str, where: str) -> None:
+    Carries :class:`ParityError`'s attributes (``graph``: ``"<precision> variant"``, ``output``: the metric,
+    ``case``: where it failed, ``max_abs_diff``: the metric's measured value, ``tolerance``: its bound's number,
+    NaN for "finite") and its own: ``precision``, ``metric``, ``value``, ``bound`` (as text, e.g. ``">= 0.9"``),
+    ``where``.
+    """
+
+    def __init__(
+        self, precision: str, metric: str, value: float, bound: str, where: str, *, limit: float | None = None
+    ) -> None:
         self.precision, self.metric, self.value, self.bound, self.where = precision, metric, value, bound, where
+        self.graph, self.output, self.case = f"{precision} variant", metric, where
+        self.max_abs_diff = float(value)
+        self.tolerance = float("nan") if limit is None else float(limit)
         ExportError.__init__(
             self, f"{precision} gate failed: {metric} {value:.4g}, expected {bound}" + (f" ({where})" if where else "")
         )
+
+
+class OptionSetError(MedSAMError, ValueError):
+    """An unknown or inconsistent CUDA option set (:mod:`medsam_rt.cuda`)."""
+
+
+class LabelOverflowError(MedSAMError, ValueError):
+    """More masks than a label image can number (65535, uint16)."""
+
+
+class MaskFormatError(MedSAMError, ValueError):
+    """Arrays that are not a valid set of mask crops (e.g. a damaged or foreign ``.npz``)."""
+
+
+class InvalidSliceError(MedSAMError, ValueError):
+    """A slice/frame index or range is outside the volume, or not a valid range."""
+
+
+class InvalidWindowError(MedSAMError, ValueError):
+    """An intensity window is unknown or malformed, or does not apply to this image."""
+
+
+class SeriesError(MedSAMError, ValueError):
+    """A DICOM series cannot be read as one regular volume (several series, a gap, a duplicate, mixed
+    orientations or sizes); the message names the files."""
+
+
+class OutputFormatError(MedSAMError, ValueError):
+    """The output path's format cannot hold this result (e.g. a PNG for several slices)."""
+
+
+class LabelVolumeError(MedSAMError, ValueError):
+    """A label volume cannot be written to this path (format) or does not fit the scan."""
+
+
+class ChallengeError(MedSAMError, ValueError):
+    """A challenge folder or case is unusable (missing folder, no case, unreadable npz, missing array)."""
+
+
+class MetricsError(MedSAMError, ValueError):
+    """Predictions and ground truth cannot be compared (missing folder, shapes differ, no ``gts``/``segs``)."""
+
+
+class UsageError(MedSAMError, ValueError):
+    """A command-line argument is unusable."""
+
+
+class DemoError(MedSAMError, RuntimeError):
+    """The demo cannot run (e.g. the model must be exported but the export extras are missing)."""
+
+
+__all__ = [
+    "ChallengeError",
+    "DemoError",
+    "EmbeddingMismatchError",
+    "ExportError",
+    "GateError",
+    "InvalidBoxError",
+    "InvalidImageError",
+    "InvalidSliceError",
+    "InvalidWindowError",
+    "LabelOverflowError",
+    "LabelVolumeError",
+    "MaskFormatError",
+    "MedSAMError",
+    "MetricsError",
+    "ModelDirError",
+    "OptionSetError",
+    "OutputFormatError",
+    "ParityError",
+    "PrecisionCheckError",
+    "ProviderUnavailableError",
+    "SeriesError",
+    "UsageError",
+]

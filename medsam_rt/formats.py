@@ -23,21 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidImageError, MedSAMError
+from .errors import InvalidImageError, InvalidSliceError, InvalidWindowError, MedSAMError
 from .io import read_image
 from .medical import CT_WINDOWS, window
 from .util import one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-class InvalidSliceError(MedSAMError, ValueError):
-    """A slice/frame index or range is outside the volume, or not a valid range."""
-
-
-class InvalidWindowError(MedSAMError, ValueError):
-    """An intensity window is unknown or malformed, or does not apply to this image."""
 
 
 @dataclass(frozen=True, eq=False)

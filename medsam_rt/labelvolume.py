@@ -15,15 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MedSAMError
+from .errors import LabelVolumeError
 from .formats import Scan, nifti_voxel_index
 from .io import atomic_write
 
 LABEL_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
-
-
-class LabelVolumeError(MedSAMError, ValueError):
-    """A label volume cannot be written to this path (format) or does not fit the scan."""
 
 
 def label_volume_suffix(path: Path) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MedSAMError
+from .errors import LabelOverflowError, MaskFormatError
 
 #: The most masks a label image holds (uint16).
 MAX_LABELS = 65535
@@ -39,14 +39,6 @@ MAX_LABELS = 65535
 LogitsIn = Callable[[int, tuple[int, int], tuple[int, int]], np.ndarray]
 #: Label images are built in row blocks of at most this many pixels (bounded temporaries for huge crops).
 _LABEL_BLOCK = 1 << 22
-
-
-class LabelOverflowError(MedSAMError, ValueError):
-    """More masks than a label image can number (65535, uint16)."""
-
-
-class MaskFormatError(MedSAMError, ValueError):
-    """Arrays that are not a valid set of mask crops (e.g. a damaged or foreign ``.npz``)."""
 
 
 def label_dtype(n: int) -> type[np.unsignedinteger]:

@@ -34,16 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MedSAMError
+from .errors import MetricsError
 
 #: The challenge's surface tolerance (mm).
 NSD_TOLERANCE_MM = 2.0
 #: NSD is computed only for cases whose mean DSC exceeds this.
 NSD_MIN_DSC = 0.2
-
-
-class MetricsError(MedSAMError, ValueError):
-    """Predictions and ground truth cannot be compared (missing folder, shapes differ, no ``gts``/``segs``)."""
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MedSAMError
+from .errors import OutputFormatError
 from .formats import Scan, nifti_voxel_index, to_display
 from .io import atomic_write, save_png
 from .masks import MaskFormatError, Masks, label_dtype
 
 OUTPUT_SUFFIXES = (".png", ".npy", ".npz", ".nii", ".nii.gz")
-
-
-class OutputFormatError(MedSAMError, ValueError):
-    """The output path's format cannot hold this result (e.g. a PNG for several slices)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,18 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidImageError, MedSAMError
+from .errors import InvalidImageError, SeriesError
 from .util import one_line
 
 #: Relative tolerance of equal slice steps, orientations and spacings (positions carry rounding noise).
 TOLERANCE = 1e-2
 #: Absolute tolerance in mm (or direction cosine units).
 ABS_TOLERANCE = 1e-3
-
-
-class SeriesError(MedSAMError, ValueError):
-    """A DICOM series cannot be read as one regular volume (several series, a gap, a duplicate, mixed
-    orientations or sizes); the message names the files."""
 
 
 @dataclass(frozen=True)
