@@ -81,6 +81,12 @@ def add_parsers(sub) -> None:
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32", help="graph variant (default: %(default)s)")
     tr.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance group kind (default: %(default)s)")
     tr.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
+    tr.add_argument(
+        "--cuda-options",
+        default="default",
+        metavar="NAME",
+        help="with --kind gpu: the CUDA provider options of this medsam_rt.cuda option set (default: %(default)s)",
+    )
     tr.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
 
@@ -119,6 +125,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
         precision=args.precision,
         kind=args.kind,
         instances=args.instances,
+        cuda_options=args.cuda_options,
         force=args.force,
     )
     print(f"wrote {args.out_dir}: models {', '.join(models)}; see {args.out_dir / 'README.md'}")
