@@ -94,6 +94,31 @@ def test_monochrome1_is_inverted(tmp_path):
     assert np.abs(mono1.astype(int) - (255 - mono2.astype(int))).max() <= 1
 
 
+def test_modality_lut_sequence_maps_stored_values(tmp_path):
+    """A Modality LUT Sequence (instead of Rescale Slope/Intercept) maps stored values through its table (values
+    below the first mapped value take the first entry, above the last the last), then MedSAM's CT window."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(CT)
+    raw = ds.pixel_array.astype(np.int64)
+    first, n = 200, 1800  # stored values 200..1999 are in the table
+    table = ((np.arange(n) ** 2) // 1000).astype(np.uint16)  # non-linear: no slope/intercept gives it
+    item = Dataset()
+    item.LUTDescriptor = [n, first, 16]
+    item.ModalityLUTType = "HU"
+    item.add_new("LUTData", "US", table.tolist())  # US: 16-bit entries (the descriptor says 16 bits)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.ModalityLUTSequence = Sequence([item])
+    path = tmp_path / "lut.dcm"
+    ds.save_as(path)
+    scan = read_scan(path)
+    expected = table[np.clip(raw - first, 0, n - 1)]
+    np.testing.assert_array_equal(scan.values[0], expected)
+    assert raw.min() < first and raw.max() >= first + n  # both clamped ends were exercised
+    assert display_range(scan, "auto") == (-160.0, 240.0)  # the CT soft-tissue window, as with a rescale
+
+
 def test_multiframe_dicom_frames():
     ds = pydicom.dcmread(DICOM_DIR / "rtdose.dcm")
     scan = read_scan(DICOM_DIR / "rtdose.dcm")
