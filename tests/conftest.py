@@ -136,3 +136,19 @@ def seed_path(processor, sam, image, boxes):
         out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False
     )[0][:, 0].numpy()
     return logits, out.iou_scores[0, :, 0].numpy()
+
+
+def cli_command(*args: str) -> list[str]:
+    """``python -m medsam_rt.cli ARGS...`` with this interpreter (for ``subprocess.Popen`` and friends)."""
+    import sys
+
+    return [sys.executable, "-m", "medsam_rt.cli", *args]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs):
+    """Run the CLI in a subprocess (offline, text output captured) and return its ``CompletedProcess``;
+    ``env`` adds variables to this process's environment, ``kwargs`` go to ``subprocess.run``."""
+    import subprocess
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=environment, **kwargs)
