@@ -132,6 +132,15 @@ class DemoError(MedSAMError, RuntimeError):
     """The demo cannot run (e.g. the model must be exported but the export extras are missing)."""
 
 
+class MemoryBudgetError(MedSAMError, RuntimeError):
+    """A request would need more memory than its budget (``--max-memory``, or a share of the available memory);
+    refused before the slow work (see :mod:`medsam_rt.budget`). Attributes: ``needed`` and ``budget`` (bytes)."""
+
+    def __init__(self, message: str, *, needed: int, budget: int) -> None:
+        self.needed, self.budget = needed, budget
+        super().__init__(message)
+
+
 __all__ = [
     "ChallengeError",
     "DemoError",
@@ -146,6 +155,7 @@ __all__ = [
     "LabelVolumeError",
     "MaskFormatError",
     "MedSAMError",
+    "MemoryBudgetError",
     "MetricsError",
     "ModelDirError",
     "OptionSetError",
