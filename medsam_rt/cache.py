@@ -1,7 +1,7 @@
 """A thread-safe embedding cache, LRU-bounded by bytes.
 
 The encoder is the expensive half of MedSAM (seconds per image on a CPU), so
-:class:`~medsam_rt.model.MedSAM` keeps recent :class:`~medsam_rt.model.ImageEmbedding`
+:class:`~medsam_rt.model.MedSAM` keeps recent :class:`~medsam_rt.embedding.ImageEmbedding`
 objects keyed by *what determines them*: the image's content (dtype, shape and
 bytes, sha256), the model's identity (source, checksum, precision) and its
 preprocessing recipe. Embedding the same pixels again with the same model is a
@@ -25,6 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from .embedding import embedding_nbytes
+
 #: Upper bound of the default cache size: 64 MedSAM ViT-B embeddings (4 MiB each, float32 256x64x64).
 DEFAULT_MAX_BYTES = 256 * 2**20
 
@@ -34,8 +36,8 @@ V = TypeVar("V")
 def default_max_bytes() -> int:
     """Default budget: :data:`DEFAULT_MAX_BYTES`, or 1/32 of physical memory on smaller hosts.
 
-    The same on every device: embeddings are numpy arrays in host memory whether the encoder ran on the CPU or
-    on CUDA.
+    The same on every device. Embeddings count where they live: a numpy array in host memory (the host runner)
+    or an ``OrtValue`` in device memory (the IO-bound runner, CUDA's default), sized there without a copy.
     """
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -99,7 +101,7 @@ class EmbeddingCache(Generic[V]):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._size_of = size_of or _embedding_nbytes
+        self._size_of = size_of or embedding_nbytes
         self._lock = threading.Lock()
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._pending: dict[str, threading.Event] = {}
@@ -181,12 +183,3 @@ class EmbeddingCache(Generic[V]):
 
 
 __all__ = ["CacheStats", "EmbeddingCache", "default_max_bytes", "image_digest", "model_digest"]
-
-
-def _embedding_nbytes(value: Any) -> int:
-    from .cuda import embedding_nbytes  # lazy: these modules import this one
-    from .model import ImageEmbedding
-
-    if isinstance(value, ImageEmbedding):  # host array or device-resident OrtValue, sized without a copy
-        return int(embedding_nbytes(value))
-    return int(value.embeddings.nbytes)

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ModelDirError
 from .preprocess import Preprocessing
 from .records import put_record, read_records, record_path
+from .targets import target
 from .util import sha256_file
 
 SCHEMA_VERSION = 1
@@ -68,10 +69,10 @@ class Manifest:
         ]
 
     def choose_precision(self, requested: str, device: str) -> str:
-        """Resolve ``"auto"`` (fp16 on CUDA, int8 on the CPU, else fp32) and check the choice was exported."""
+        """Resolve ``"auto"`` (the target's preference: fp16 on CUDA, int8 on the CPU, else fp32) and check the
+        choice was exported."""
         if requested == "auto":
-            preferred = ("fp16", "fp32") if device == "cuda" else ("int8", "fp32")
-            for p in preferred:
+            for p in target(device).precisions:
                 if p in self.precisions:
                     return p
             requested = "fp32"
@@ -95,6 +96,23 @@ class Manifest:
             raise ModelDirError(
                 f"{self.directory} has no {precision} {role}; exported precisions: {exported}"
             ) from None
+
+    def postprocess_graph(self) -> GraphEntry | None:
+        """The optional ``postprocess_graph`` entry (masks made on the device), ``None`` for a directory exported
+        without it; check it with :func:`verify_graph` where it is used.
+
+        Raises:
+            ModelDirError: a malformed entry.
+        """
+        raw = self.raw.get("postprocess_graph")
+        if raw is None:
+            return None
+        try:
+            return GraphEntry(
+                "postprocess", "fp32", self.directory / raw["file"], str(raw["sha256"]), int(raw["bytes"])
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelDirError(f"{self.directory}/manifest.json: malformed postprocess_graph entry {exc}") from None
 
 
 def load_manifest(directory: str | Path) -> Manifest:

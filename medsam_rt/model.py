@@ -13,17 +13,8 @@ import numpy as np
 
 from .cache import EmbeddingCache, image_digest, model_digest
 from .checks import precision_check, refusal, warn_fallback
-from .cuda import (
-    DEFAULT_BUCKETS,
-    BoundRunner,
-    CudaOptions,
-    DeviceResident,
-    array_info,
-    embedding_nbytes,
-    postprocess_entry,
-    resolve_options,
-    stored_value,
-)
+from .cuda import CudaOptions
+from .embedding import ImageEmbedding, array_info, embedding_nbytes, read_only, stored_value
 from .errors import EmbeddingMismatchError, InvalidImageError, ModelDirError, PrecisionCheckError
 from .io import read_image
 from .manifest import Manifest, check_graph_metadata, load_manifest, verify_graph
@@ -31,33 +22,14 @@ from .masks import Masks
 from .postprocess import UpscaleChain, chain, sigmoid
 from .preprocess import Preprocessing, preprocess_image, resized_shape, scale_boxes, to_rgb_uint8, validate_boxes
 from .providers import NodePlacement, create_session, node_placement, resolve_device
+from .runners import make_runner, session_options
+from .targets import resolve_options, target
 
 if TYPE_CHECKING:
     from .volume import VolumeSegmentation
 
 #: ``cache=`` of :meth:`MedSAM.load`: ``True`` (default budget), ``False``/0 (none), a byte budget or a shared cache.
 CacheArg = bool | int | EmbeddingCache | None
-
-
-@dataclass(frozen=True, eq=False)
-class ImageEmbedding:
-    """The encoder's output for one image, plus what ``segment`` needs to map boxes and masks.
-
-    With the model's embedding cache on, the same object goes to every caller that embeds the same pixels, and
-    its array is read-only.
-
-    Attributes:
-        embeddings: float32 ``(1, C, 64, 64)`` image embedding. On the IO-binding path (CUDA) it lives in device
-            memory and reading this attribute copies it to the host once (read-only); ``segment`` never does.
-        original_size: ``(H, W)`` of the image as given.
-        resized_size: ``(h, w)`` of the resized image inside the encoder's padded input.
-        model_id: identity of the model that made it (``segment`` refuses others).
-    """
-
-    embeddings: np.ndarray = DeviceResident()  # a numpy array, or an OrtValue in device memory read as one
-    original_size: tuple[int, int]
-    resized_size: tuple[int, int]
-    model_id: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,10 +79,6 @@ class Segmentation:
         return self.crops.label_image()
 
 
-#: Boxes per decoder call (larger N: several calls).
-_DECODER_MAX_BOXES = 16
-
-
 class MedSAM:
     """A MedSAM model directory loaded on ONNX Runtime (no torch needed).
 
@@ -140,8 +108,9 @@ class MedSAM:
         postprocess_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """A model from two graph files and a recipe. Most callers want :meth:`load` (a model directory);
-        the export gates use this directly. ``device`` must be resolved (``"cpu"`` or ``"cuda"``);
-        ``postprocess_path`` is the directory's optional postprocessing graph (see :mod:`medsam_rt.cuda`)."""
+        the export gates use this directly. ``device`` must be resolved (a :data:`medsam_rt.targets.TARGETS` name);
+        ``cuda_options`` a set name, a :class:`~medsam_rt.cuda.CudaOptions` or ``None`` (the target's default);
+        ``postprocess_path`` is the directory's optional postprocessing graph (masks made on the device)."""
         self.manifest = manifest
         self.device = device
         self.precision = precision
@@ -151,15 +120,13 @@ class MedSAM:
         self._model_id = model_id
         self._paths = {"encoder": Path(encoder_path), "decoder": Path(decoder_path)}
         self._threads = threads
+        where = target(device)
         self.cuda_options = options = resolve_options(cuda_options, device)
-        cuda = options is not None and device == "cuda"  # provider options are CUDA's; captured: the encoder only
-        enc_opts = options.provider_options(cuda_graph=options.cuda_graph) if cuda else None
+        provider = session_options(options, where)
         self._encoder = create_session(
-            os.fspath(encoder_path), device, threads, provider_options=enc_opts, memory_pattern=False
+            os.fspath(encoder_path), device, threads, provider_options=provider["encoder"], memory_pattern=False
         )
-        self._decoder = create_session(
-            os.fspath(decoder_path), device, threads, provider_options=options.provider_options() if cuda else None
-        )
+        self._decoder = create_session(os.fspath(decoder_path), device, threads, provider_options=provider["decoder"])
         enc_in = self._encoder.get_inputs()[0]
         if list(enc_in.shape[2:]) != list(preprocessing.pad_size):
             name = Path(encoder_path).name
@@ -167,19 +134,16 @@ class MedSAM:
         self._embedding_shape = tuple(self._decoder.get_inputs()[0].shape)
         self._cache_key = model_digest(model_id, preprocessing.to_dict())
         self.cache = _make_cache(cache)
-        self._runner = None
-        if options is not None and options.io_binding:
-            self._runner = BoundRunner(
-                self._encoder,
-                self._decoder,
-                decoder_path=decoder_path,
-                postprocess_path=postprocess_path,
-                device=device,
-                threads=threads,
-                options=options,
-                preprocessing=preprocessing,
-                max_boxes=_DECODER_MAX_BOXES if device == "cpu" else DEFAULT_BUCKETS[-1],  # GPU: unmeasured
-            )
+        self._runner = make_runner(
+            self._encoder,
+            self._decoder,
+            options=options,
+            target=where,
+            decoder_path=decoder_path,
+            postprocess_path=postprocess_path,
+            threads=threads,
+            preprocessing=preprocessing,
+        )
 
     @classmethod
     def load(
@@ -232,14 +196,15 @@ class MedSAM:
         """
         manifest = load_manifest(Path(model_dir))
         device = resolve_device(device)
+        options = resolve_options(cuda_options, device)  # once: every variant tried runs with this set
         chosen = manifest.choose_precision(precision, device)
         try:
-            return cls._load_variant(manifest, device, chosen, threads, verify, cache, cuda_options)
+            return cls._load_variant(manifest, device, chosen, threads, verify, cache, options)
         except PrecisionCheckError as exc:
             if precision != "auto":
                 raise
             warn_fallback(manifest, exc)
-            return cls._load_variant(manifest, device, "fp32", threads, verify, cache, cuda_options)
+            return cls._load_variant(manifest, device, "fp32", threads, verify, cache, options)
 
     @classmethod
     def _load_variant(
@@ -250,14 +215,14 @@ class MedSAM:
         threads: int | None,
         verify: bool,
         cache: CacheArg,
-        cuda_options: str | CudaOptions | None,
+        options: CudaOptions | None,
     ) -> MedSAM:
         enc, dec = manifest.graph("encoder", precision), manifest.graph("decoder", precision)
-        for entry in (enc, dec):
-            verify_graph(entry, full=verify)
-        options = resolve_options(cuda_options, device)
         used = options is not None and options.device_postprocess  # checked like the others when it is loaded
-        post = postprocess_entry(manifest, verify=verify) if used else None
+        post = manifest.postprocess_graph() if used else None
+        for entry in (enc, dec, post):
+            if entry is not None:
+                verify_graph(entry, full=verify)
         model = cls(
             manifest.preprocessing,
             enc.path,
@@ -269,7 +234,7 @@ class MedSAM:
             manifest=manifest,
             cache=False,  # the load-time check's images stay out of the caller's cache
             cuda_options=options,
-            postprocess_path=post.path if post is not None else None,
+            postprocess_path=None if post is None else post.path,
         )
         for entry, session in ((enc, model._encoder), (dec, model._decoder)):
             check_graph_metadata(manifest, entry, session.get_modelmeta().custom_metadata_map)
@@ -312,12 +277,9 @@ class MedSAM:
     def _embed(self, image: np.ndarray, shared: bool = False) -> ImageEmbedding:
         rgb = to_rgb_uint8(image)
         pixel_values, resized = preprocess_image(rgb, self.preprocessing)
-        if self._runner is not None:  # stays in device memory (its host copy is read-only)
-            emb = self._runner.encode(pixel_values)
-        else:
-            (emb,) = self._encoder.run(["image_embeddings"], {"pixel_values": pixel_values})
-            if shared:  # cached: every caller gets this object
-                emb.setflags(write=False)
+        emb = self._runner.encode(pixel_values)  # a host array, or an OrtValue where the runner keeps it
+        if shared:  # cached: every caller gets this object
+            emb = read_only(emb)
         return ImageEmbedding(emb, (int(rgb.shape[0]), int(rgb.shape[1])), resized, self.model_id)
 
     def segment(self, embedding: ImageEmbedding, boxes: Any, *, frame: str = "original") -> Segmentation:
@@ -343,31 +305,17 @@ class MedSAM:
             scaled = scale_boxes(boxes, embedding.original_size, embedding.resized_size, self.preprocessing)
         else:
             raise ValueError(f"frame must be 'original' or 'encoder', got {frame!r}")
-        crops = None
-        if self._runner is not None:  # masks too when the postprocessing graph made them on the device
-            low_res, scores, crops = self._runner.decode(
-                stored_value(embedding), scaled, embedding.resized_size, embedding.original_size
-            )
-        else:
-            # at most _DECODER_MAX_BOXES per call: the decoder's activations grow ~100 MB per box (N = 64 in one
-            # call peaked at 6.8 GB RSS on LiteMedSAM) while the per-box time stops improving by N = 16
-            parts = [
-                self._decoder.run(
-                    ["low_res_logits", "iou_scores"],
-                    {"image_embeddings": embedding.embeddings, "boxes": scaled[i : i + _DECODER_MAX_BOXES]},
-                )
-                for i in range(0, len(scaled), _DECODER_MAX_BOXES)
-            ]
-            low_res = np.concatenate([logits[:, 0] for logits, _ in parts])
-            scores = np.concatenate([iou[:, 0] for _, iou in parts]).astype(np.float32)
-        upscale = chain(self.preprocessing, embedding.resized_size, embedding.original_size, low_res.shape[1:])
-        if crops is None:
-            crops = [upscale.mask_crop(logits) for logits in low_res]  # exact, O(boundary) each
+        low = (self._runner.low_res, self._runner.low_res)
+        upscale = chain(self.preprocessing, embedding.resized_size, embedding.original_size, low)
+        decoded = self._runner.decode(embedding, scaled, upscale)
+        low_res = decoded.low_res_logits
         # overlapping masks are ranked by their exact logits, computed where they overlap only
         masks = Masks(
-            embedding.original_size, crops, logits_in=lambda k, rows, cols: upscale.window(low_res[k], rows, cols)
+            embedding.original_size,
+            decoded.crops,
+            logits_in=lambda k, rows, cols: upscale.window(low_res[k], rows, cols),
         )
-        return Segmentation(boxes=boxes, crops=masks, scores=scores, low_res_logits=low_res, upscale=upscale)
+        return Segmentation(boxes=boxes, crops=masks, scores=decoded.scores, low_res_logits=low_res, upscale=upscale)
 
     def _check_embedding(self, embedding: Any) -> None:
         if not isinstance(embedding, ImageEmbedding):
@@ -413,12 +361,13 @@ class MedSAM:
         return {role: node_placement(path, self.device, threads=self._threads) for role, path in self._paths.items()}
 
     def execution_report(self) -> dict[str, Any]:
-        """How this model runs: device, precision, the CUDA option set (``None``: the numpy path) and, on the
-        IO-binding path, what it does (captured graphs, buckets built, where masks are made, device copies)."""
+        """How this model runs: device, precision, the CUDA option set (``None``: the host runner's numpy feeds)
+        and, on the IO-bound runner, what it does (captured graphs, buckets built, where masks are made, device
+        copies); ``"io_binding"`` is ``None`` on the host runner."""
         options = self.cuda_options
         report: dict[str, Any] = {"device": self.device, "precision": self.precision}
         report["cuda_options"] = options.to_dict() if options is not None else None
-        report["io_binding"] = self._runner.report() if self._runner is not None else None
+        report["io_binding"] = self._runner.report()
         return report
 
     def segment_volume(

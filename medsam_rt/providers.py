@@ -1,4 +1,5 @@
-"""Execution-provider resolution: the one place that maps ``device`` to ONNX Runtime providers."""
+"""Sessions on an execution target: ``device`` resolved against :data:`medsam_rt.targets.TARGETS`, sessions
+created on its provider (and checked to really use it), and where a profiled run placed each node."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .errors import ModelDirError, ProviderUnavailableError
+from .targets import AUTO_PREFERENCE, TARGETS, target
 from .util import one_line
 
 log = logging.getLogger("medsam_rt")
 
-DEVICES = ("cpu", "cuda", "auto")
-_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: ``device=`` values: every target, and "auto".
+DEVICES = (*TARGETS, "auto")
 
 
 def resolve_device(device: str) -> str:
     """Return ``"cpu"`` or ``"cuda"`` for a requested ``"cpu" | "cuda" | "auto"``.
 
-    ``"auto"`` picks CUDA when ONNX Runtime offers it, else the CPU, and logs its choice.
+    ``"auto"`` picks the first target of :data:`~medsam_rt.targets.AUTO_PREFERENCE` whose provider ONNX Runtime
+    offers (CUDA, else the CPU) and logs its choice.
 
     Raises:
         ProviderUnavailableError: ``"cuda"`` requested but not available (lists what is).
@@ -37,12 +40,12 @@ def resolve_device(device: str) -> str:
     if device not in DEVICES:
         raise ProviderUnavailableError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if device == "auto":
-        chosen = "cuda" if _PROVIDER["cuda"] in available else "cpu"
+        chosen = next(name for name in AUTO_PREFERENCE if target(name).provider in available)
         log.info("device='auto' chose %s (available providers: %s)", chosen, ", ".join(available))
         return chosen
-    if _PROVIDER[device] not in available:
+    if target(device).provider not in available:
         raise ProviderUnavailableError(
-            f"device={device!r} needs ONNX Runtime's {_PROVIDER[device]}, which this install lacks; "
+            f"device={device!r} needs ONNX Runtime's {target(device).provider}, which this install lacks; "
             f"available: {', '.join(available)} (install medsam-rt[gpu] for CUDA)"
         )
     return device
@@ -76,7 +79,7 @@ def create_session(
     """Create an inference session for a resolved ``device`` and verify the provider really is in use.
 
     Args:
-        provider_options: options of the device's execution provider (CUDA: see :mod:`medsam_rt.cuda`).
+        provider_options: options of the target's execution provider (CUDA: see :mod:`medsam_rt.cuda`).
         free_dims: named dynamic dimensions fixed for this session (e.g. ``{"num_boxes": 8}``); ONNX Runtime then
             treats them as constants (shape computations fold away) and refuses other sizes.
         memory_pattern: ONNX Runtime's memory-pattern planning (one block sized for all of a run's activations).
@@ -109,19 +112,16 @@ _BAD_MODEL_ERRORS = tuple(
 def _start_session(
     path: str, device: str, opts: ort.SessionOptions, provider_options: Mapping[str, str] | None = None
 ) -> ort.InferenceSession:
-    first = (_PROVIDER[device], dict(provider_options)) if provider_options else _PROVIDER[device]
-    providers = [first] + (["CPUExecutionProvider"] if device == "cuda" else [])
+    wanted = target(device).provider
     try:
-        session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        session = ort.InferenceSession(path, sess_options=opts, providers=target(device).providers(provider_options))
     except _BAD_MODEL_ERRORS as exc:
         raise ModelDirError(f"cannot load {path}: not a valid ONNX graph ({one_line(exc)})") from None
     except Exception as exc:  # ONNX Runtime's Fail / EPFail / RuntimeException: the provider could not run it
+        raise ProviderUnavailableError(f"ONNX Runtime could not start {wanted} for {path}: {one_line(exc)}") from None
+    if session.get_providers()[0] != wanted:
         raise ProviderUnavailableError(
-            f"ONNX Runtime could not start {_PROVIDER[device]} for {path}: {one_line(exc)}"
-        ) from None
-    if session.get_providers()[0] != _PROVIDER[device]:
-        raise ProviderUnavailableError(
-            f"ONNX Runtime could not start {_PROVIDER[device]} for {os.path.basename(path)}; "
+            f"ONNX Runtime could not start {wanted} for {os.path.basename(path)}; "
             f"session uses {session.get_providers()}"
         )
     return session
@@ -173,7 +173,7 @@ class NodePlacement:
     def fallbacks(self) -> list[PlacedNode]:
         """Nodes that left the requested device unexpectedly: on the CPU although the device is not the CPU,
         other than small shape computations (:data:`SHAPE_OPS`, at most :data:`SHAPE_OP_MAX_BYTES` of output)."""
-        wanted = _PROVIDER[self.device]
+        wanted = target(self.device).provider
         return [
             n
             for n in self.nodes
@@ -208,7 +208,7 @@ def node_placement(
 
     Args:
         path: an ONNX graph.
-        device: resolved device, ``"cpu"`` or ``"cuda"`` (same providers as :func:`create_session`).
+        device: a resolved device (same providers as :func:`create_session`).
         feeds: inputs for the profiled run; default: zeros, with every dynamic dimension set to 1.
         threads: intra-op threads.
 

@@ -1,8 +1,10 @@
-"""The CUDA path's plumbing, on the CPU provider: option sets, bucket padding, IO binding with device-resident
-embeddings, static buffers (what CUDA graphs replay), and the postprocessing graph against the numpy path.
+"""Both runners through the public API on the CPU provider: the host runner (numpy feeds, the CPU default) and
+the IO-bound runner (CUDA's default: device-resident embeddings, buckets with static buffers, what CUDA graphs
+replay, masks by the postprocessing graph), which runs the same code on CPU ``OrtValue``s when given a CUDA
+option set. Also the option sets, the execution-target table and the bucket plan both runners share.
 
-No GPU here: everything CUDA-specific that can only be measured (speed, capture, TF32) is left to
-benchmarks/gpu_suite.sh. What runs here is the same Python code, with ``device="cpu"``.
+No GPU here: what only a GPU shows (speed, capture, TF32) is left to benchmarks/gpu_suite.sh. The one fake left
+is an ``OrtValue`` of an older ONNX Runtime (no real one can stand in for it in this install).
 """
 
 from __future__ import annotations
@@ -17,23 +19,15 @@ import onnxruntime as ort
 import pytest
 from conftest import rng_image
 
-from medsam_rt import MedSAM, providers
-from medsam_rt import cuda as cuda_mod
-from medsam_rt.cuda import (
-    DEFAULT_BUCKETS,
-    OPTION_SETS,
-    OPTIONS_ENV,
-    CudaOptions,
-    OptionSetError,
-    bucket_plan,
-    copy_into,
-    pad_rows,
-    resolve_options,
-    stored_value,
-)
+from medsam_rt import MedSAM, OptionSetError, ortvalues, providers, runners
+from medsam_rt.cuda import DEFAULT_BUCKETS, OPTION_SETS, OPTIONS_ENV, CudaOptions
+from medsam_rt.embedding import has_host_copy, stored_value
 from medsam_rt.errors import EmbeddingMismatchError, ModelDirError
+from medsam_rt.ortvalues import copy_into
 from medsam_rt.postprocess import upscale_logits
 from medsam_rt.preprocess import Preprocessing
+from medsam_rt.runners import bucket_plan, pad_rows, session_options
+from medsam_rt.targets import TARGETS, resolve_options
 
 IMAGE = rng_image((300, 700, 3), seed=3)
 BOXES = np.array(
@@ -101,23 +95,22 @@ def test_resolve_options(monkeypatch):
         resolve_options({"buckets": 1}, "cpu")
 
 
-def test_cuda_sessions_get_the_sets_provider_options(monkeypatch):
-    """What reaches ONNX Runtime for device="cuda" (sessions faked: no CUDA provider here)."""
-    calls = []
+def test_the_target_table():
+    cpu, cuda = TARGETS["cpu"], TARGETS["cuda"]
+    assert (cpu.provider, cpu.ortvalue_device, cpu.precisions) == ("CPUExecutionProvider", "cpu", ("int8", "fp32"))
+    assert (cuda.provider, cuda.ortvalue_device, cuda.precisions) == ("CUDAExecutionProvider", "cuda", ("fp16", "fp32"))
+    assert cuda.options_class is CudaOptions and cpu.options_class is None
+    assert providers.DEVICES == ("cpu", "cuda", "auto")
+    assert cpu.providers() == ["CPUExecutionProvider"]
+    assert cpu.provider_options(OPTION_SETS["nhwc"]) is None  # a CUDA set on the CPU: no provider options
 
-    class FakeSession:
-        def __init__(self, path, sess_options=None, providers=None):
-            calls.append((path, providers))
 
-        def get_providers(self):
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-    monkeypatch.setattr(providers.ort, "InferenceSession", FakeSession)
+def test_cuda_sessions_get_the_sets_provider_options():
+    """What reaches ONNX Runtime's InferenceSession(providers=...) for device="cuda": the list create_session
+    passes, with the options of each session MedSAM and the IO-bound runner create."""
+    cuda = TARGETS["cuda"]
     o = CudaOptions("x", conv_algo_search="HEURISTIC", prefer_nhwc=True, buckets=(1,), cuda_graph=True)
-    providers.create_session("g.onnx", "cuda", provider_options=o.provider_options(cuda_graph=True))
-    providers.create_session("h.onnx", "cuda")
-    (_, first), (_, second) = calls
-    assert first == [
+    assert cuda.providers(cuda.provider_options(o, capture=True)) == [
         (
             "CUDAExecutionProvider",
             {
@@ -129,34 +122,19 @@ def test_cuda_sessions_get_the_sets_provider_options(monkeypatch):
         ),
         "CPUExecutionProvider",
     ]
-    assert second == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert cuda.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def test_model_passes_provider_options_per_graph(monkeypatch, tiny_dir):
+def test_model_sessions_get_provider_options_per_graph():
     """On CUDA the encoder is captured (cuda_graph sets) and the dynamic decoder never is; on the CPU no CUDA
     option reaches the CPU provider."""
-    import medsam_rt.model as model_mod
-
-    seen = {}
-    real = model_mod.create_session
-
-    def recording(path, device, threads=None, **kw):
-        seen[path.rsplit("/", 1)[-1].split(".")[0]] = kw.get("provider_options")
-        return real(path, "cpu", threads)
-
-    class NoRunner:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    monkeypatch.setattr(model_mod, "create_session", recording)
-    monkeypatch.setattr(model_mod, "BoundRunner", NoRunner)
-    monkeypatch.setattr(model_mod, "resolve_device", lambda device: device)
-    MedSAM.load(tiny_dir, device="cuda", precision="fp32", cuda_options="cuda-graph")
+    cuda, cpu = TARGETS["cuda"], TARGETS["cpu"]
+    seen = session_options(OPTION_SETS["cuda-graph"], cuda)
     assert seen["encoder"]["enable_cuda_graph"] == "1" and "enable_cuda_graph" not in seen["decoder"]
-    MedSAM.load(tiny_dir, device="cuda", precision="fp32", cuda_options="heuristic-conv")
+    seen = session_options(OPTION_SETS["heuristic-conv"], cuda)
     assert seen["encoder"] == seen["decoder"] == OPTION_SETS["heuristic-conv"].provider_options()
-    MedSAM.load(tiny_dir, device="cpu", precision="fp32", cuda_options="cuda-graph")
-    assert seen == {"encoder": None, "decoder": None}
+    assert session_options(OPTION_SETS["cuda-graph"], cpu) == {"encoder": None, "decoder": None}
+    assert session_options(None, cuda) == {"encoder": None, "decoder": None}
 
 
 # -------------------------------------------------------------------------------------------------- buckets
@@ -325,7 +303,7 @@ def test_decoder_calls_are_capped_on_the_cpu(tiny_dir):
 
 def test_device_masks_in_chunks_for_large_images(tiny_dir, monkeypatch):
     """Masks made on the device are built a bounded number of boxes at a time (here: one box per chunk)."""
-    monkeypatch.setattr(cuda_mod, "DEVICE_CHUNK_BYTES", 4 * 300 * 700)
+    monkeypatch.setattr(runners, "DEVICE_CHUNK_BYTES", 4 * 300 * 700)
     model = MedSAM.load(tiny_dir, precision="fp32", cuda_options="buckets")
     ref_model = MedSAM.load(tiny_dir, precision="fp32")
     _assert_same(model.segment(model.embed(IMAGE), BOXES), ref_model.segment(ref_model.embed(IMAGE), BOXES))
@@ -351,9 +329,9 @@ def test_segment_never_copies_the_embedding_to_the_host(tiny_dir):
     model = MedSAM.load(tiny_dir, precision="fp32", cuda_options="default", cache=True)
     emb = model.embed(IMAGE)
     model.segment(emb, BOXES)
-    assert cuda_mod._HOST not in emb.__dict__  # nothing read the host copy
+    assert not has_host_copy(emb)  # nothing read the host copy
     assert model.cache.stats().bytes == stored_value(emb).tensor_size_in_bytes() == 32 * 64 * 64 * 4
-    assert model.embed(IMAGE) is emb and cuda_mod._HOST not in emb.__dict__  # the cache counted without a copy
+    assert model.embed(IMAGE) is emb and not has_host_copy(emb)  # the cache counted without a copy
     host = emb.embeddings
     assert isinstance(host, np.ndarray) and not host.flags.writeable and emb.embeddings is host  # made once
 
@@ -376,17 +354,18 @@ def test_embeddings_move_between_paths(tiny_dir, reference):
         bound.segment(replace(dev, embeddings=dev.embeddings.astype(np.float64)), BOXES)
 
 
-def test_embedding_slot_is_copied_only_when_the_image_changes(tiny_dir, reference, monkeypatch):
+def test_embedding_slot_is_copied_only_when_the_image_changes(tiny_dir, reference):
     _, ref = reference
-    copies = []
-    real = cuda_mod.copy_into
-    monkeypatch.setattr(cuda_mod, "copy_into", lambda dst, src: (copies.append(src), real(dst, src)))
     model = MedSAM.load(tiny_dir, precision="fp32", cuda_options="buckets")
     a, b = model.embed(IMAGE), model.embed(IMAGE[::-1].copy())
     for emb in (a, a, a, b, b, a):
         model.segment(emb, BOXES[:2])
-    assert [stored_value(a), stored_value(b), stored_value(a)] == copies
+    assert model.execution_report()["io_binding"]["embedding_slot_copies"] == 3  # a, b, a
     _assert_same(model.segment(a, BOXES), ref)
+    host = replace(a, model_id=a.model_id)  # a host array may change in place: copied on every call
+    model.segment(host, BOXES[:1])
+    model.segment(host, BOXES[:1])
+    assert model.execution_report()["io_binding"]["embedding_slot_copies"] == 5
 
 
 def test_static_encoder_returns_an_embedding_of_its_own(tiny_dir, reference):
@@ -394,22 +373,21 @@ def test_static_encoder_returns_an_embedding_of_its_own(tiny_dir, reference):
     copy, so a later embed does not change an earlier embedding."""
     ref_emb, _ = reference
     model = MedSAM.load(tiny_dir, precision="fp32", cuda_options="cuda-graph")
-    static = model._runner._encoder_static
-    address = static.out.data_ptr()
+    assert model.execution_report()["io_binding"]["static_buffers"] is True
     a = model.embed(IMAGE)
     b = model.embed(rng_image((200, 200, 3), seed=9))
-    assert static.out.data_ptr() == address and stored_value(a).data_ptr() != address
-    np.testing.assert_array_equal(a.embeddings, ref_emb.embeddings)
+    assert stored_value(a).data_ptr() != stored_value(b).data_ptr()
+    np.testing.assert_array_equal(a.embeddings, ref_emb.embeddings)  # read after b: b did not overwrite it
     assert not np.array_equal(a.embeddings, b.embeddings)
 
 
 def test_copy_into_falls_back_to_the_host(monkeypatch):
     """ONNX Runtime before 1.32 copies into an OrtValue from numpy arrays only."""
-    monkeypatch.setattr(cuda_mod, "copy_method", "ortvalue")
+    monkeypatch.setattr(ortvalues, "copy_method", "ortvalue")
     src = ort.OrtValue.ortvalue_from_numpy(np.arange(6, dtype=np.float32))
     dst = ort.OrtValue.ortvalue_from_shape_and_type([6], np.float32, "cpu", 0)
     copy_into(dst, src)
-    assert cuda_mod.copy_method == "ortvalue" and dst.numpy().tolist() == list(range(6))
+    assert ortvalues.copy_method == "ortvalue" and dst.numpy().tolist() == list(range(6))
 
     class OldOrtValue:  # update_inplace(np.ndarray) only
         def __init__(self):
@@ -422,7 +400,7 @@ def test_copy_into_falls_back_to_the_host(monkeypatch):
 
     old = OldOrtValue()
     copy_into(old, src)
-    assert cuda_mod.copy_method == "host round trip" and old.data.tolist() == list(range(6))
+    assert ortvalues.copy_method == "host round trip" and old.data.tolist() == list(range(6))
 
 
 def test_threads_share_the_static_buffers_safely(tiny_dir):
