@@ -63,7 +63,7 @@ def main() -> None:
     np.save(tmp / "image.npy", sample.image)
     results = {}
     for where, prefix in (("native", []), (f"qemu -cpu {args.cpu}", [qemu, "-cpu", args.cpu])):
-        jobs = [[str(e), str(tmp / f"{where[:6]}-{i}.npy")] for i, e in enumerate(encoders)]
+        jobs = [[str(e), str(tmp / f"{where.split()[0]}-{i}.npy")] for i, e in enumerate(encoders)]
         script = _WORKER.format(
             repo=str(Path(__file__).resolve().parents[1]),
             recipe=json.dumps(manifest["preprocessing"]),
