@@ -233,6 +233,22 @@ class RequestMetrics:
             self.metrics.request(scope["method"], path, status[0], time.perf_counter() - t0)
 
 
+class _Isolated:
+    """ASGI wrapper adding :data:`ISOLATION` headers (the WASM worker threads' scripts need them too)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.extra = [(k.lower().encode(), v.encode()) for k, v in ISOLATION.items()]
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 # -- the application ------------------------------------------------------------------------------------------
 
 
@@ -381,6 +397,10 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={**ISOLATION, "Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/healthz", tags=["server"], summary="liveness: 200 when the model is loaded")
     async def healthz() -> dict[str, Any]:
@@ -663,7 +683,7 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
         filename = f"{stem}-labels{LABEL_FORMATS[body.format]}"
         return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    app.mount("/static", _Isolated(StaticFiles(directory=STATIC, check_dir=False)), name="static")
     # outermost first: metrics see every request, including those the body limit refuses
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
