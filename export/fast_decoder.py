@@ -22,7 +22,7 @@ re-associations, per head (never summed across heads), each exact:
 - The first block's image side (``X0 = embedding + no_mask_embed`` and ``PE``) is the same for every box of a
   call; :attr:`Levers.share_first_block` can compute its un-folded K/V (token→image) and Q (image→token)
   projections once per call from that many boxes on (an ONNX ``If`` on N; fewer multiply-adds from N = 3). Off by
-  default: it did not pay when measured (``benchmarks/DECODER.md``), and without it a box's logits do not depend
+  default: it did not pay when measured (``benchmarks/RESULTS.md``), and without it a box's logits do not depend
   on the other boxes of the call, bit for bit.
 - Only the IoU token and mask token 0 are read at the end, so the final attention runs 2 queries, and only row 0
   of the IoU head and hypernetwork MLP 0 are computed.
