@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sg.add_argument("--json", action="store_true", help="print boxes, scores, areas (mm², mm³ when known) as JSON")
     sg.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
+    sg.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="refuse, before the slow work, a request estimated to need more (e.g. 2G, 800M; default: 80%% of the "
+        "available memory)",
+    )
 
     inf = _command_with_model_dir(
         sub,
@@ -515,9 +521,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     value_window = parse_window(args.window)
     if args.frame is not None and args.image.name.lower().endswith((".nii", ".nii.gz")):
         raise UsageError("--frame is for multi-frame DICOM files; use --slice K for a NIfTI volume")
+    from .budget import check_cli_header, check_cli_segment
+
+    check_cli_header(args)  # from the file's header: refuses an image too large to read, before decoding it
     scan = read_scan(args.image, frame=args.frame, axis=args.axis, series=args.series)
     plan = _plan_slices(args, scan)
     check_output(args.out, scan, len(plan))
+    check_cli_segment(args, scan, plan)  # the whole request's estimate, before the model loads
     value_range = display_range(scan, value_window)
     model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
     with Progress(len(plan), "segmenting", enabled=not args.quiet and len(plan) > 1) as bar:
@@ -685,6 +695,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except MedSAMError as exc:
         print(f"medsam-rt: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:  # the last line of defence: requests are estimated first (medsam_rt.budget)
+        print(
+            f"medsam-rt: error: out of memory ({exc or 'allocation failed'}); try fewer boxes, a smaller image "
+            "or --out .npz",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("medsam-rt: interrupted", file=sys.stderr)
