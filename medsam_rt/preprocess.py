@@ -4,7 +4,8 @@ The recipe is *declared* by the model directory's manifest (``preprocessing``)
 and parsed into :class:`Preprocessing`; nothing here is special-cased by model
 name. The vocabulary, one implementation per entry:
 
-- intake: any image becomes ``(H, W, 3) uint8`` (:func:`to_rgb_uint8`);
+- intake: any image becomes ``(H, W, 3) uint8`` (:func:`to_rgb_uint8`; grayscale as one plane seen as three
+  channels, conversions in row blocks: memory stays near the decoded image's, see :data:`BLOCK_BYTES`);
 - ``resize``: ``longest_side`` (max(H, W) -> ``size``, aspect kept, sides
   rounded half up) or ``square`` (``size`` x ``size``, aspect ignored);
 - ``interpolation``: a Pillow filter (``bilinear``, ``bicubic``, ...) or
@@ -146,6 +147,11 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     ``convert_to_rgb`` does; alpha is read as 0..max of an integer dtype or
     0..1 for floats).
 
+    Memory: a grayscale result is a read-only view repeating one ``(H, W)`` plane three times (channel stride
+    0: no 3-channel copy; ``np.array(rgb)`` gives a writable one), and contiguous uint8 RGB input is returned
+    as is; conversions run in row blocks of at most :data:`BLOCK_BYTES` of float64 temporaries, so intake never
+    holds a full-size float copy.
+
     Raises:
         InvalidImageError: wrong type, shape, empty, or NaN/Inf values.
     """
@@ -158,45 +164,87 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InvalidImageError(f"image is empty: shape {image.shape}")
     if image.dtype == np.bool_:
-        image = image.astype(np.uint8) * 255
+        image = image.view(np.uint8) * np.uint8(255)
     elif not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise InvalidImageError(f"image dtype {image.dtype} is not supported; expected an integer or float dtype")
     if image.ndim == 3 and image.shape[2] == 4:
         return _composite_on_white(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
     if image.dtype != np.uint8:
         image = _minmax_uint8(image)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+    if image.ndim == 2:  # one plane, seen as three channels
+        return np.broadcast_to(image[:, :, None], (*image.shape, 3))
     return np.ascontiguousarray(image)
+
+
+#: float64 temporaries of the row-block loops are at most this large (bytes).
+BLOCK_BYTES = 64 << 20
+
+
+def row_blocks(num_rows: int, row_bytes: int, budget: int | None = None) -> list[slice]:
+    """Slices of ``range(num_rows)`` whose rows take at most ``budget`` bytes each (default :data:`BLOCK_BYTES`;
+    at least one row)."""
+    step = max(1, (BLOCK_BYTES if budget is None else budget) // max(1, row_bytes))
+    return [slice(r, min(r + step, num_rows)) for r in range(0, num_rows, step)]
+
+
+def shared_plane(rgb: np.ndarray) -> np.ndarray | None:
+    """The ``(H, W)`` plane of a grayscale :func:`to_rgb_uint8` result (channels that are one plane), or ``None``."""
+    if rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.strides[2] == 0:
+        return rgb[:, :, 0]
+    return None
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     if rgba.dtype == np.uint8:
-        color, alpha = rgba[:, :, :3], rgba[:, :, 3]
+        color = rgba[:, :, :3]
     else:
         color = _minmax_uint8(rgba[:, :, :3])
-        a = rgba[:, :, 3].astype(np.float64)
-        if not np.isfinite(a).all():
-            raise InvalidImageError("image alpha channel holds NaN or Inf values")
         full = np.iinfo(rgba.dtype).max if np.issubdtype(rgba.dtype, np.integer) else 1.0
-        alpha = np.rint(np.clip(a / full, 0.0, 1.0) * 255).astype(np.uint8)
-    white = Image.new("RGBA", (rgba.shape[1], rgba.shape[0]), (255, 255, 255, 255))
-    top = Image.fromarray(np.dstack([color, alpha]), "RGBA")
-    return np.asarray(Image.alpha_composite(white, top).convert("RGB")).copy()
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    white = None
+    for rows in row_blocks(rgba.shape[0], rgba.shape[1] * 8):
+        if rgba.dtype == np.uint8:
+            alpha = rgba[rows, :, 3]
+        else:
+            a = rgba[rows, :, 3].astype(np.float64)
+            if not np.isfinite(a).all():
+                raise InvalidImageError("image alpha channel holds NaN or Inf values")
+            alpha = np.rint(np.clip(a / full, 0.0, 1.0) * 255).astype(np.uint8)
+        size = (rgba.shape[1], alpha.shape[0])
+        if white is None or white.size != size:
+            white = Image.new("RGBA", size, (255, 255, 255, 255))
+        top = Image.fromarray(np.dstack([color[rows], alpha]), "RGBA")
+        out[rows] = np.asarray(Image.alpha_composite(white, top).convert("RGB"))
+    return out
 
 
 def _minmax_uint8(image: np.ndarray) -> np.ndarray:
-    data = image.astype(np.float64, copy=False)
-    if not np.isfinite(data).all():
-        raise InvalidImageError("image holds NaN or Inf values; expected finite intensities")
-    lo, hi = float(data.min()), float(data.max())
+    """Min-max scale to 0..255 and round, in row blocks (float64 per block, never for the whole image)."""
+    lo = hi = None
+    blocks = row_blocks(image.shape[0], int(np.prod(image.shape[1:])) * 8)
+    for rows in blocks:  # min and max in the input's dtype: its conversion to float64 is monotone
+        block = image[rows]
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            raise InvalidImageError("image holds NaN or Inf values; expected finite intensities")
+        b_lo, b_hi = float(block.min()), float(block.max())
+        lo, hi = (b_lo, b_hi) if lo is None else (min(lo, b_lo), max(hi, b_hi))
     if hi <= lo:
         return np.zeros(image.shape, np.uint8)
-    if not np.isfinite(hi - lo):  # a span beyond float64 (e.g. -1e308..1e308): halve everything first
-        data, lo, hi = data / 2, lo / 2, hi / 2
-    return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    halve = not np.isfinite(hi - lo)  # a span beyond float64 (e.g. -1e308..1e308): halve everything first
+    if halve:
+        lo, hi = lo / 2, hi / 2
+    out = np.empty(image.shape, np.uint8)
+    for rows in blocks:
+        data = image[rows].astype(np.float64)  # a copy: worked on in place
+        if halve:
+            data /= 2
+        data -= lo
+        data *= 255.0 / (hi - lo)
+        out[rows] = np.rint(data, out=data)
+        del data  # before the next block's
+    return out
 
 
 def resized_shape(original_size: tuple[int, int], p: Preprocessing) -> tuple[int, int]:
@@ -209,15 +257,30 @@ def resized_shape(original_size: tuple[int, int], p: Preprocessing) -> tuple[int
 
 
 def resize_uint8(rgb: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
-    """Resize an ``(H, W, 3) uint8`` image to ``size = (h, w)``; uint8 result, as Pillow and OpenCV return."""
+    """Resize an ``(H, W, 3) uint8`` image to ``size = (h, w)``; uint8 ``(h, w, 3)`` result, as Pillow and OpenCV
+    return.
+
+    A grayscale image from :func:`to_rgb_uint8` (one plane seen as three channels) is resized once and its result
+    repeated. Memory beyond the input: the result, one channel's copy for Pillow filters, and ``area``'s float64
+    work in blocks of :data:`BLOCK_BYTES` (see :func:`medsam_rt.resample.apply_separable`).
+    """
+    plane = shared_plane(rgb)
+    channels = [plane] if plane is not None else [rgb[:, :, c] for c in range(rgb.shape[2])]
     if interpolation == "area":
         rows, cols = area_matrices(size, rgb.shape[:2])
-        out = apply_separable(rgb, rows, cols)
         # OpenCV's 2x2 fast path rounds halves up; elsewhere it rounds to nearest even
         halving = rgb.shape[0] == 2 * size[0] and rgb.shape[1] == 2 * size[1]
-        out = np.floor(out + 0.5) if halving else np.rint(out)
-        return np.clip(out, 0, 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=PIL_FILTERS[interpolation]))
+        out = []
+        for ch in channels:
+            x = apply_separable(ch, rows, cols, BLOCK_BYTES)
+            x = np.floor(x + 0.5) if halving else np.rint(x)
+            out.append(np.clip(x, 0, 255).astype(np.uint8))
+    else:  # Pillow filters one band at a time with the same integer arithmetic (equal to resizing RGB)
+        pil = PIL_FILTERS[interpolation]
+        out = [np.asarray(Image.fromarray(np.ascontiguousarray(ch)).resize((size[1], size[0]), pil)) for ch in channels]
+    if plane is not None:
+        out *= 3
+    return np.stack(out, axis=2)
 
 
 def normalize(resized: np.ndarray, p: Preprocessing) -> np.ndarray:

@@ -85,14 +85,29 @@ def area_matrices(out_hw: tuple[int, int], in_hw: tuple[int, int]) -> tuple[np.n
     return make(oh, ih), make(ow, iw)
 
 
-def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``rows @ image[..., c] @ cols.T`` for each channel of an ``(H, W, C)`` image; float64 result.
+def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
+    """``rows @ image[..., c] @ cols.T`` for each channel of an ``(H, W, C)`` (or one ``(H, W)``) image; float64
+    ``(out_h, out_w, C)`` (or ``(out_h, out_w)``) result.
 
-    Channels are processed one at a time and the smaller product first, so a large image costs one
-    float64 copy of one channel, not of the whole image.
+    The smaller product comes first. Memory: the input is converted to float64 in strips of at most
+    ``block_bytes`` along the axis that product keeps (columns for ``rows @ plane``, rows for ``plane @ cols.T``),
+    so no full-size float copy is made; each output value is the same dot product over the same inputs in
+    the same order as the whole-plane product (strips split only the kept axis, never the summed one).
     """
-    out = np.empty((rows.shape[0], cols.shape[0], image.shape[2]))
-    for ch in range(image.shape[2]):
-        plane = image[:, :, ch].astype(np.float64)
-        out[:, :, ch] = (rows @ plane) @ cols.T if rows.shape[0] <= cols.shape[0] else rows @ (plane @ cols.T)
-    return out
+    if image.ndim == 3:
+        out = np.empty((rows.shape[0], cols.shape[0], image.shape[2]))
+        for ch in range(image.shape[2]):
+            out[:, :, ch] = apply_separable(image[:, :, ch], rows, cols, block_bytes)
+        return out
+    h, w = image.shape
+    if rows.shape[0] <= cols.shape[0]:  # (rows @ plane) @ cols.T, plane in column strips
+        step = max(1, block_bytes // (8 * h))
+        first = np.empty((rows.shape[0], w))
+        for c in range(0, w, step):
+            first[:, c : c + step] = rows @ image[:, c : c + step].astype(np.float64)
+        return first @ cols.T
+    step = max(1, block_bytes // (8 * w))  # rows @ (plane @ cols.T), plane in row strips
+    first = np.empty((h, cols.shape[0]))
+    for r in range(0, h, step):
+        first[r : r + step] = image[r : r + step].astype(np.float64) @ cols.T
+    return rows @ first
