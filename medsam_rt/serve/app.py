@@ -185,19 +185,25 @@ class BodyLimit:
             except ValueError:
                 return await _error(400, "Content-Length", "Content-Length is not a number")(scope, receive, send)
         seen = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
+            if exceeded:  # the app caught _TooLarge (e.g. its form parser) and answers: answer 413 instead
+                if not started:
+                    started = True
+                    await too_large(scope, receive, send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -343,6 +349,8 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
         problems = []
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form", "header")]
+            if err.get("type") == "json_invalid":
+                loc = ["body"]  # its loc is a character position
             problems.append({"field": ".".join(loc) or "body", "message": str(err.get("msg", "invalid"))})
         first = problems[0] if problems else {"field": "body", "message": "invalid request"}
         response = _error(422, first["field"].split(".")[0], f"{first['field']}: {first['message']}")

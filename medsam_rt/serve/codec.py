@@ -21,11 +21,7 @@ LABEL_FORMATS = {"png": ".png", "nii": ".nii", "nii.gz": ".nii.gz", "npz": ".npz
 def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
     """PNG of a uint8 ``(H, W)`` / ``(H, W, 3|4)`` image or a uint16 ``(H, W)`` one (16-bit grayscale)."""
     buf = io.BytesIO()
-    if image.dtype == np.uint16:
-        img = Image.fromarray(image.astype("<u2"), mode="I;16")  # Pillow writes "I;16" as a 16-bit PNG
-    else:
-        img = Image.fromarray(image)
-    img.save(buf, format="PNG", compress_level=compress_level)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)  # uint16: mode I;16, 16-bit
     return buf.getvalue()
 
 
