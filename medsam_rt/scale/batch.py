@@ -31,6 +31,7 @@ from typing import IO
 from ..errors import MedSAMError
 from ..manifest import load_manifest
 from ..progress import Progress
+from ..providers import physical_cores
 from .jobs import Job, JobOutcome, read_jobs, run_job
 
 ENGINES = ("local", "ray")
@@ -111,7 +112,8 @@ class BatchSummary:
         jobs: entries in the job list; succeeded, failed, skipped (output already there): how they ended.
         seconds: wall time from start (engine start included) to the last outcome; ``startup``: of which engine
             start until the first outcome came back.
-        throughput: jobs run (succeeded + failed) per second of ``seconds``.
+        throughput: jobs run (succeeded + failed) per second of ``seconds``; ``steady_throughput``: the jobs
+            after the first per second from the first outcome to the last (engine start left out; 0 for one job).
         stages: seconds per stage summed over the jobs run (see :class:`~medsam_rt.scale.jobs.JobOutcome`).
         failures: path of ``failures.jsonl``.
     """
@@ -126,6 +128,7 @@ class BatchSummary:
     seconds: float
     startup: float
     throughput: float
+    steady_throughput: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     failures: str = ""
 
@@ -136,9 +139,9 @@ class BatchSummary:
 
 
 def default_threads(workers: int) -> int:
-    """Intra-op threads per worker so that ``workers`` do not oversubscribe this machine's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    """Intra-op threads per worker so that ``workers`` do not oversubscribe this machine's physical cores (the
+    cores :meth:`MedSAM.load` uses by default: SMT siblings counted once)."""
+    return max(1, physical_cores() // workers)
 
 
 def run_batch(
@@ -197,15 +200,18 @@ def run_batch(
         failures_path = out / FAILURES_FILE
         counts = {"ok": 0, "failed": 0}
         stages: dict[str, float] = {}
-        first: list[float] = []
+        first: list[float] = []  # times of the engine's first and latest outcomes
+        last: list[float] = []
         with (
             open(failures_path, "w", encoding="utf-8") as failures,
             Progress(len(job_list), "batch", enabled=progress) as bar,
         ):
 
             def record(outcome: JobOutcome) -> None:
+                now = time.perf_counter()
                 if not first:
-                    first.append(time.perf_counter())
+                    first.append(now)
+                last[:] = [now]
                 if outcome.status == "failed":
                     _write_failure(failures, outcome)
                 if outcome.status in counts:
@@ -228,10 +234,13 @@ def run_batch(
                     todo.append(job)
             engine_start = time.perf_counter()
             first.clear()
+            last.clear()
+            from_engine = 0
             if todo:
                 run = _run_local if engine == "local" else _run_ray
                 for outcome in run(todo, spec, out, workers, address):
                     record(outcome)
+                    from_engine += 1
         seconds = time.perf_counter() - started
         ran = counts["ok"] + counts["failed"]
     return BatchSummary(
@@ -245,6 +254,7 @@ def run_batch(
         seconds=seconds,
         startup=(first[0] if first else time.perf_counter()) - engine_start,
         throughput=ran / seconds if seconds > 0 else 0.0,
+        steady_throughput=(from_engine - 1) / (last[0] - first[0]) if first and last[0] > first[0] else 0.0,
         stages=stages,
         failures=os.fspath(failures_path),
     )

@@ -15,6 +15,7 @@ local instance bounded to ``workers * threads`` CPUs, without the dashboard.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,9 +56,11 @@ def run_ray(todo: list[Job], spec: ModelSpec, out: Path, workers: int, address: 
     threads = spec.threads or 1
     if not ray.is_initialized():
         if address is not None:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+            ray.init(
+                num_cpus=workers * threads, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+            )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver draws one bar for the run
     context.print_on_execution_start = False
