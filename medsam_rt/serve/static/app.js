@@ -207,18 +207,20 @@ function drawMasks() {
 }
 
 function drawBoxes() {
+  // drawn at the screen's resolution (crisp lines whatever the image size); f: canvas pixels per image pixel
   const c = $("boxes");
   const g = c.getContext("2d");
-  const scale = c.width / c.getBoundingClientRect().width || 1; // image pixels per CSS pixel
+  const f = c.width / state.image.width;
+  const dpr = window.devicePixelRatio || 1;
   g.clearRect(0, 0, c.width, c.height);
   for (const box of state.boxes.get(state.slice) || []) {
     g.strokeStyle = box.color;
-    g.lineWidth = (box === state.selected ? 2.5 : 1.5) * scale;
-    g.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    g.lineWidth = (box === state.selected ? 2.5 : 1.5) * dpr;
+    g.strokeRect(box.x0 * f, box.y0 * f, (box.x1 - box.x0) * f, (box.y1 - box.y0) * f);
     if (box === state.selected) {
-      const h = 4 * scale;
+      const h = 4 * dpr;
       g.fillStyle = box.color;
-      for (const [x, y] of corners(box)) g.fillRect(x - h, y - h, 2 * h, 2 * h);
+      for (const [x, y] of corners(box)) g.fillRect(x * f - h, y * f - h, 2 * h, 2 * h);
     }
   }
 }
@@ -305,6 +307,9 @@ function layout() {
   stage.style.height = `${Math.round(height * scale)}px`;
   $("image").style.width = stage.style.width;
   $("image").style.height = stage.style.height;
+  const dpr = window.devicePixelRatio || 1;
+  $("boxes").width = Math.round(width * scale * dpr);
+  $("boxes").height = Math.round(height * scale * dpr);
   drawBoxes();
 }
 
@@ -320,7 +325,7 @@ async function open(file) {
   state.boxes = new Map();
   state.embeddings = new Map();
   state.bitmaps = new Map();
-  for (const id of ["image", "masks", "boxes"]) {
+  for (const id of ["image", "masks"]) {
     $(id).width = info.width;
     $(id).height = info.height;
   }
