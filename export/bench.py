@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from medsam_rt.preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
 
-from .sources import Source, load_source
+from .source import Source
+from .sources import load_source
 
 
 def torch_cuda_available() -> bool:

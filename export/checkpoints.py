@@ -1,4 +1,6 @@
-"""Original MedSAM checkpoints (``medsam_vit_b.pth``, a segment-anything state dict) -> transformers ``SamModel``.
+"""The segment-anything checkpoint family: original MedSAM checkpoints (``medsam_vit_b.pth``, a segment-anything
+state dict) -> transformers ``SamModel``, exported with MedSAM's original recipe
+(:data:`MEDSAM_ORIGINAL_PREPROCESSING`).
 
 The architecture is read off the tensors' shapes (embedding width, depth, heads from the relative-position
 tables, which blocks attend globally, window size); the mask decoder's 8 attention heads are SAM's constant
@@ -16,8 +18,9 @@ from transformers import SamConfig, SamModel
 
 from medsam_rt.errors import ExportError
 
-from .lite import load_into, load_state_dict
-from .sources import Source, hf_model_source
+from .hf import hf_model_source
+from .source import Source
+from .statedict import load_into, load_state_dict
 from .util import sha256_file
 
 #: MedSAM's original inference recipe (MedSAM_Inference.py), in the manifest vocabulary.
@@ -34,6 +37,8 @@ MEDSAM_ORIGINAL_PREPROCESSING: dict[str, Any] = {
     "mask_threshold": 0.0,
 }
 DECODER_HEADS = 8
+#: File suffixes that name this family's checkpoints on ``--model``.
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 # (pattern, replacement), applied in order to every segment-anything key
 _RENAMES: list[tuple[str, str]] = [

@@ -12,7 +12,7 @@ from medsam_rt.cpu import cpu_info
 from medsam_rt.errors import GateError, ParityError
 from medsam_rt.preprocess import Preprocessing, preprocess_image
 
-from .sources import Reference
+from .source import Reference
 
 FP32_TOLERANCE = 1e-3
 CHECK_BOX_COUNTS = (1, 3)  # the decoder is traced with N=2
@@ -124,10 +124,14 @@ def extreme_inputs() -> list[tuple[str, np.ndarray]]:
 
 
 def gate_device(precision: str) -> str:
-    """Where a variant's gate runs: fp16 (a GPU variant) on CUDA when this ONNX Runtime has it, else the CPU."""
+    """Where a variant's gate runs: on the first execution target that prefers it (fp16: CUDA) when this ONNX
+    Runtime has that target's provider, else the CPU."""
     import onnxruntime as ort
 
-    return "cuda" if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    from medsam_rt.targets import TARGETS
+
+    available = ort.get_available_providers()
+    return next((t.name for t in TARGETS.values() if t.precisions[0] == precision and t.provider in available), "cpu")
 
 
 def check_variant(

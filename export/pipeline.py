@@ -23,10 +23,11 @@ from medsam_rt.manifest import MANIFEST_NAME, METADATA_PREFIX, ROLES, SCHEMA_VER
 from medsam_rt.providers import physical_cores
 
 from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, export_graph
+from .hf import DEFAULT_MODEL
 from .optimize import convert_fp16, export_friendly, optimize, quantize_int8
 from .parity import check_parity, check_variant
 from .postprocess_graph import write_postprocess_graph
-from .sources import DEFAULT_MODEL, load_source
+from .sources import load_source
 from .steps import StepLog
 from .util import sha256_file
 
