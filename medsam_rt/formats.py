@@ -187,7 +187,7 @@ def _dicom_scan(ds: Any, path: Path, frame: int | None) -> Scan:
         if photometric == "MONOCHROME1":  # lowest value = brightest: flip so that displays agree
             flip = float(values.max()) + float(values.min())
             values = flip - values.astype(np.float64)
-    file_window = _file_window(ds)
+    file_window = dicom_window(ds)
     if file_window is not None and not color and photometric == "MONOCHROME1":
         file_window = (flip - file_window[0], file_window[1])
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -241,15 +241,15 @@ def _modality_values(ds: Any, pixels: np.ndarray, path: Path, frame: int | None)
         values = values.astype(np.float64) * float(ds.DoseGridScaling)
     geometry = None
     if per_frame and len(indices) > 1:
-        from .series import SeriesError, _vec, stack_geometry
+        from .series import SeriesError, dicom_vector, stack_geometry
 
         planes = [group(i, "PlanePositionSequence") for i in indices]
         orients = [group(i, "PlaneOrientationSequence") for i in indices]
         measures = group(0, "PixelMeasuresSequence")
-        positions = [_vec(p.get("ImagePositionPatient"), 3) if p is not None else None for p in planes]
-        orientations = [_vec(o.get("ImageOrientationPatient"), 6) if o is not None else None for o in orients]
+        positions = [dicom_vector(p.get("ImagePositionPatient"), 3) if p is not None else None for p in planes]
+        orientations = [dicom_vector(o.get("ImageOrientationPatient"), 6) if o is not None else None for o in orients]
         if all(v is not None for v in positions) and all(v is not None for v in orientations):
-            spacing = _vec(measures.get("PixelSpacing"), 2) if measures is not None else None
+            spacing = dicom_vector(measures.get("PixelSpacing"), 2) if measures is not None else None
             try:
                 _, geometry = stack_geometry([path] * len(indices), orientations, positions, spacing, sort=False)
             except SeriesError:  # several stacks, a cine series...: frames are still read, without geometry
@@ -257,7 +257,8 @@ def _modality_values(ds: Any, pixels: np.ndarray, path: Path, frame: int | None)
     return values, geometry
 
 
-def _file_window(ds) -> tuple[float, float] | None:
+def dicom_window(ds) -> tuple[float, float] | None:
+    """A DICOM dataset's first (WindowCenter, WindowWidth), or ``None`` (none recorded, malformed, width <= 0)."""
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is None or width is None:
         return None

@@ -211,7 +211,8 @@ def read_series(
     return _stack(members)
 
 
-def _vec(value: Any, n: int) -> np.ndarray | None:
+def dicom_vector(value: Any, n: int) -> np.ndarray | None:
+    """A DICOM multi-value of ``n`` finite numbers as float64 ``(n,)``, else ``None``."""
     try:
         arr = np.array([float(v) for v in value], np.float64)
     except (TypeError, ValueError):
@@ -241,11 +242,13 @@ def _stack(members: list[tuple[Path, Any]]):
     if len(sizes) > 1:
         parts = "; ".join(f"{r}x{c}: {_names(ps)}" for (r, c), ps in sizes.items())
         raise SeriesError(f"the series' slices differ in size (rows x columns): {parts}")
-    orientations = [_vec(ds.get("ImageOrientationPatient"), 6) for _, ds in members]
-    positions = [_vec(ds.get("ImagePositionPatient"), 3) for _, ds in members]
-    spacing = _vec(first.get("PixelSpacing"), 2)
+    orientations = [dicom_vector(ds.get("ImageOrientationPatient"), 6) for _, ds in members]
+    positions = [dicom_vector(ds.get("ImagePositionPatient"), 3) for _, ds in members]
+    spacing = dicom_vector(first.get("PixelSpacing"), 2)
     if spacing is not None:
-        odd = [p for p, ds in members if (s := _vec(ds.get("PixelSpacing"), 2)) is None or not _close(s, spacing)]
+        odd = [
+            p for p, ds in members if (s := dicom_vector(ds.get("PixelSpacing"), 2)) is None or not _close(s, spacing)
+        ]
         if odd:
             raise SeriesError(
                 f"pixel spacing differs within the series: {first_path.name} has {list(spacing)} mm, but "
@@ -284,9 +287,9 @@ def _stack(members: list[tuple[Path, Any]]):
     if photometric == "MONOCHROME1":  # lowest value = brightest, flipped over the whole series
         flip = float(values.max()) + float(values.min())
         values = flip - values
-    from .formats import _file_window
+    from .formats import dicom_window
 
-    file_window = _file_window(first)
+    file_window = dicom_window(first)
     if file_window is not None and photometric == "MONOCHROME1":
         file_window = (flip - file_window[0], file_window[1])
     return Scan(
