@@ -167,6 +167,19 @@ def page_server(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fallback_server(page_server, tmp_path_factory):
+    """A server whose page finds no vendored onnxruntime-web: the page must fall back to /segment."""
+    from medsam_rt.serve.launch import ServerProcess
+
+    env = {"MEDSAM_RT_SERVE_VENDOR": str(tmp_path_factory.mktemp("no-vendor"))}
+    with ServerProcess(
+        page_server.model_dir, "--threads", "2", env=env, log_dir=tmp_path_factory.mktemp("serve-web")
+    ) as srv:
+        srv.model_dir = page_server.model_dir
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def ct():
     pydicom = pytest.importorskip("pydicom")
     path = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
@@ -201,9 +214,11 @@ def _drag(page, size: tuple[int, int], start: tuple[float, float], end: tuple[fl
     page.evaluate("window.medsam.idle()")
 
 
-def _check_modes_page(browser, page_server, ct, mode: str, screenshot: Path | None = None):
+def _check_modes_page(browser, page_server, ct, mode: str, screenshot: Path | None = None, ask: str | None = None):
+    """Draw, drag and delete a box on the page asking for decoder ``ask`` (default ``mode``), which must run in
+    ``mode``; the overlay is compared with the library's masks."""
     path, image = ct
-    page, got, errors = _open(browser, page_server, path, mode)
+    page, got, errors = _open(browser, page_server, path, ask or mode)
     if mode == "browser" and got != "browser":
         detail = page.evaluate("window.medsam.state.modeDetail")
         page.close()
@@ -237,6 +252,8 @@ def _check_modes_page(browser, page_server, ct, mode: str, screenshot: Path | No
         .text_content()
         .startswith("decoder: in browser" if mode == "browser" else "decoder: server")
     )
+    if ask == "auto" and mode == "server":
+        assert "make -C web" in page.evaluate("window.medsam.state.modeDetail")
     # Delete removes the selected box and its mask
     page.keyboard.press("Delete")
     assert page.evaluate("window.medsam.boxes()") == []
@@ -252,8 +269,15 @@ def _check_modes_page(browser, page_server, ct, mode: str, screenshot: Path | No
     return timings
 
 
-def test_page_server_decoder(browser, page_server, ct):
-    _check_modes_page(browser, page_server, ct, "server")
+def test_page_falls_back_to_server_decoder(browser, fallback_server, ct):
+    """Without the vendored onnxruntime-web the page (decoder "auto") decodes on the server: masks equal."""
+    _check_modes_page(browser, fallback_server, ct, "server", ask="auto")
+
+
+def test_page_server_decoder_chosen(browser, page_server, ct):
+    page, got, _ = _open(browser, page_server, ct[0], "server")
+    assert got == "server" and page.evaluate("window.medsam.state.modeDetail") == "chosen"
+    page.close()
 
 
 def test_page_browser_decoder(browser, page_server, ct, tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,9 @@ from .store import ImageEntry, ImageStore
 log = logging.getLogger("medsam_rt.serve")
 
 STATIC = Path(__file__).parent / "static"
-VENDOR = STATIC / "vendor"
+#: where the page's onnxruntime-web files are looked for (``$MEDSAM_RT_SERVE_VENDOR`` overrides it, e.g. to test the
+#: page's fallback to the server's decoder); they are served from ``/static/vendor/`` either way
+VENDOR = Path(os.environ.get("MEDSAM_RT_SERVE_VENDOR", STATIC / "vendor"))
 #: the vendored onnxruntime-web files the page needs (``make -C web`` copies them)
 VENDOR_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 #: headers that make the page cross-origin isolated, so onnxruntime-web may use WASM threads
@@ -580,13 +583,12 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
     ) -> Response:
         entry = entry_of(image_id)
         k = entry.check_slice(slice)
-        (emb, _), _ = await queue.run(lambda: embed_slice(entry, k))
 
-        def pack() -> bytes:
-            arr = np.asarray(emb.embeddings)
-            return arr.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+        def work() -> tuple[Any, bytes]:
+            emb, _ = embed_slice(entry, k)
+            return emb, np.asarray(emb.embeddings).astype("<f4" if dtype == "float32" else "<f2").tobytes()
 
-        data, _ = await queue.run(pack)
+        (emb, data), _ = await queue.run(work)
         meta = {
             "shape": list(np.asarray(emb.embeddings).shape),
             "dtype": dtype,
