@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--json", action="store_true", help="print boxes, scores, areas (mm², mm³ when known) as JSON")
     sg.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
     sg.add_argument(
+        "--roi",
+        action="store_true",
+        help="embed a window around each box (close boxes share one) instead of the whole image: small objects in "
+        "large images at their own scale (docs/large-images.md; default: the whole image, the reference)",
+    )
+    sg.add_argument(
         "--max-memory",
         metavar="SIZE",
         help="refuse, before the slow work, a request estimated to need more (e.g. 2G, 800M; default: 80%% of the "
@@ -531,6 +537,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     value_range = display_range(scan, value_window)
     model = MedSAM.load(args.model_dir, device=args.device, precision=args.precision, verify=args.verify)
     with Progress(len(plan), "segmenting", enabled=not args.quiet and len(plan) > 1) as bar:
+        if args.roi:
+            from .roi import segment_scan_roi as segment_scan
         results = segment_scan(model, scan, plan, value_range, on_slice=lambda k: bar.update(note=f"slice {k}"))
     write_result(args.out, scan, results)
     if args.overlay is not None:
