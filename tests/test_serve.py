@@ -368,6 +368,36 @@ def test_many_boxes_sixteen_bit_labels(strict_server, tiny_dir):
     np.testing.assert_array_equal(labels, truth.label_image())
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_jpeg_and_tiff_uploads(strict_server, tiny_dir, fmt):
+    rng = np.random.default_rng(5)
+    img = (
+        rng.integers(0, 255, (48, 70, 3), dtype=np.uint8)
+        if fmt == "JPEG"
+        else (rng.integers(0, 60000, (48, 70)).astype(np.uint16))
+    )
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    c = Client(strict_server.url, token="s3cret")
+    info = c.upload(buf.getvalue(), f"upload.{fmt.lower()}").json()
+    assert (info["width"], info["height"]) == (70, 48)
+    box = [[5, 5, 50, 40]]
+    body = c.request("POST", f"/v1/images/{info['id']}/segment", json_body={"boxes": box}).json()
+    scan = read_scan_bytes(buf.getvalue(), f"x.{fmt.lower()}")
+    image = to_display(scan.values[0], display_range(scan, "auto"))
+    truth = MedSAM.load(tiny_dir, threads=1).predict(image, box)
+    np.testing.assert_array_equal(_decode_png(body["labels_png"]), truth.label_image())
+
+
+def read_scan_bytes(data: bytes, name: str):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(data)
+        return read_scan(path)
+
+
 def test_queue_full_is_503(strict_server):
     img = _png_bytes(np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8))
     iid = Client(strict_server.url, token="s3cret").upload(img, "q.png").json()["id"]

@@ -274,6 +274,37 @@ def test_page_falls_back_to_server_decoder(browser, fallback_server, ct):
     _check_modes_page(browser, fallback_server, ct, "server", ask="auto")
 
 
+def test_page_volume_slices_and_nifti_download(browser, fallback_server, tmp_path):
+    """A NIfTI volume: scroll to another slice, draw a box there, download the label volume (server decoder)."""
+    nibabel = pytest.importorskip("nibabel")
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    scan = read_scan(path)
+    page, got, errors = _open(browser, fallback_server, path, "server")
+    first = page.evaluate("window.medsam.state.slice")
+    assert first == scan.num_slices // 2 and page.locator("#slicebar").is_visible()
+    page.locator("#boxes").hover()
+    page.keyboard.press("ArrowUp")  # one slice up
+    page.wait_for_function(f"window.medsam.state.slice === {first - 1}")
+    page.wait_for_timeout(300)
+    h, w = scan.image_size
+    _drag(page, (h, w), (19, 10), (31, 21), steps=3)
+    k = first - 1
+    image = to_display(scan.values[k], display_range(scan, parse_window("auto")))
+    truth = MedSAM.load(fallback_server.model_dir, precision="fp32", threads=2).predict(image, [[19, 10, 31, 21]])
+    overlay = _unpack(page.evaluate("window.medsam.overlayMask()"), h, w)
+    assert truth.masks[0].any() and (overlay == truth.masks[0]).all()
+    with page.expect_download() as dl:
+        page.click("#download")
+    target = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(target)
+    assert target.name == "anatomical-labels.nii.gz"
+    vol = np.asarray(nibabel.load(target).dataobj)
+    np.testing.assert_array_equal(vol[:, :, k].T, truth.label_image())
+    assert int(vol.astype(bool).sum()) == int(truth.masks[0].sum())  # nothing on other slices
+    assert errors == []
+    page.close()
+
+
 def test_page_server_decoder_chosen(browser, page_server, ct):
     page, got, _ = _open(browser, page_server, ct[0], "server")
     assert got == "server" and page.evaluate("window.medsam.state.modeDetail") == "chosen"
