@@ -218,9 +218,9 @@ def test_preprocessing_vocabulary_is_documented():
 
 def cpp_reads() -> tuple[set[str], set[str]]:
     """(manifest key names, metadata_props keys) in the C++ example's lookups: ``at(obj, "key", ...)``,
-    ``member(obj, "key")``, ``obj.find("key")`` and ``"medsam_rt.*"`` constants."""
+    ``member(obj, "key")``, ``find(obj, "key")``, ``obj.find("key")`` and ``"medsam_rt.*"`` constants."""
     text = "\n".join(p.read_text(encoding="utf-8") for p in CPP_SOURCES)
-    names = set(re.findall(r"\b(?:at|member)\(\s*[\w.]+\s*,\s*\"([A-Za-z0-9_]+)\"", text))
+    names = set(re.findall(r"\b(?:at|member|find)\(\s*\*?[\w.]+\s*,\s*\"([A-Za-z0-9_]+)\"", text))
     names |= set(re.findall(r"(?:\.|->)find\(\s*\"([A-Za-z0-9_]+)\"\s*\)", text))
     metadata = set(re.findall(r"\"(" + re.escape(METADATA_PREFIX) + r"[A-Za-z0-9_]+)\"", text))
     return names, metadata

@@ -8,7 +8,10 @@
 #    libraries), fetched with apt-get download through a private apt state (nothing is installed into /) from the
 #    Debian mirror this machine's apt sources name, and unpacked with dpkg -x into BUILD_DIR/deps/.
 #    Set ORT_INCLUDE_DIR to use headers you already have instead.
-# Idempotent: the downloaded .deb is reused ($MEDSAM_CPP_DEB_CACHE, default BUILD_DIR/deps, holds it).
+# JSON (nlohmann/json, Debian's nlohmann-json3-dev) and PNG in/out (stb_image / stb_image_write, libstb-dev) are
+# header-only and fetched the same way (or JSON_INCLUDE_DIR / STB_INCLUDE_DIR: folders holding nlohmann/json.hpp
+# and stb/stb_image.h).
+# Idempotent: the downloaded .debs are reused ($MEDSAM_CPP_DEB_CACHE, default BUILD_DIR/deps, holds them).
 set -euo pipefail
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
@@ -69,46 +72,71 @@ debian_mirror() {  # the first Debian archive URI in the system's apt sources (o
   done
 }
 
-include="${ORT_INCLUDE_DIR:-}"
-if [ -z "$include" ]; then
-  include="$deps/libonnxruntime-dev/usr/include/onnxruntime"
-  if [ ! -f "$include/onnxruntime_cxx_api.h" ]; then
-    deb=$(ls "$cache"/libonnxruntime-dev_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
-    if [ -z "$deb" ]; then
-      command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
-        die "no ONNX Runtime headers: need apt-get + dpkg to fetch Debian's libonnxruntime-dev, or set ORT_INCLUDE_DIR"
+# fetch_deb PKG: sets $deb to the newest cached PKG_*.deb in $cache, downloaded first (Debian trixie) if none
+apt_ready=""
+fetch_deb() {
+  local pkg=$1
+  deb=$(ls "$cache"/"${pkg}"_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -z "$deb" ]; then
+    command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
+      die "no cached $pkg .deb: need apt-get + dpkg to fetch it (or see the *_INCLUDE_DIR variables above)"
+    local apt="$deps/apt"
+    opts=(-o "Dir::Etc::sourcelist=$apt/etc/sources.list" -o "Dir::Etc::sourceparts=$apt/etc/sources.list.d"
+      -o "Dir::Etc::preferencesparts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
+      -o "Dir::State::status=$apt/status" -o "Dir::Cache=$apt/cache"
+      -o "APT::Sandbox::User=$(id -un)")
+    if [ -z "$apt_ready" ]; then
+      local mirror keyring=/usr/share/keyrings/debian-archive-keyring.gpg
       mirror="${DEBIAN_MIRROR:-$(debian_mirror | grep -E '/debian/?$' | head -n 1)}"
       [ -n "$mirror" ] ||
-        die "no Debian mirror in /etc/apt/sources.list{,.d/*}; set DEBIAN_MIRROR=<URI> or ORT_INCLUDE_DIR"
-      keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+        die "no Debian mirror in /etc/apt/sources.list{,.d/*}; set DEBIAN_MIRROR=<URI> or the *_INCLUDE_DIR variables"
       [ -r "$keyring" ] || die "$keyring is missing (apt-get install debian-archive-keyring)"
-      apt="$deps/apt"
       mkdir -p "$apt/etc/sources.list.d" "$apt/etc/preferences.d" "$apt/lists/partial" "$apt/cache/archives/partial"
       echo "deb [signed-by=$keyring] ${mirror%/} trixie main" >"$apt/etc/sources.list"
       : >"$apt/status"
-      opts=(-o "Dir::Etc::sourcelist=$apt/etc/sources.list" -o "Dir::Etc::sourceparts=$apt/etc/sources.list.d"
-        -o "Dir::Etc::preferencesparts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
-        -o "Dir::State::status=$apt/status" -o "Dir::Cache=$apt/cache"
-        -o "APT::Sandbox::User=$(id -un)")
-      echo "build.sh: fetching libonnxruntime-dev (Debian trixie) from $mirror" >&2
+      echo "build.sh: fetching from $mirror (Debian trixie)" >&2
       apt-get -q "${opts[@]}" update >"$apt/update.log" 2>&1 ||
         die "apt-get update against $mirror (trixie) failed; see $apt/update.log"
-      (cd "$cache" && apt-get -q "${opts[@]}" download libonnxruntime-dev >"$apt/download.log" 2>&1) ||
-        die "apt-get download libonnxruntime-dev failed; see $apt/download.log"
-      deb=$(ls "$cache"/libonnxruntime-dev_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
-      [ -n "$deb" ] || die "apt-get download left no libonnxruntime-dev_*.deb in $cache"
-      rm -rf "$apt/lists" "$apt/cache"  # the package lists (~20 MB) served their purpose: the .deb is kept
+      apt_ready=1
     fi
-    rm -rf "$deps/libonnxruntime-dev"
-    dpkg -x "$deb" "$deps/libonnxruntime-dev"
-    [ -f "$include/onnxruntime_cxx_api.h" ] || die "$deb holds no onnxruntime_cxx_api.h"
+    echo "build.sh: fetching $pkg" >&2
+    (cd "$cache" && apt-get -q "${opts[@]}" download "$pkg" >"$apt/download-$pkg.log" 2>&1) ||
+      die "apt-get download $pkg failed; see $apt/download-$pkg.log"
+    deb=$(ls "$cache"/"${pkg}"_*.deb 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$deb" ] || die "apt-get download left no ${pkg}_*.deb in $cache"
   fi
-fi
-[ -f "$include/onnxruntime_cxx_api.h" ] || die "ORT_INCLUDE_DIR=$include has no onnxruntime_cxx_api.h"
+}
+
+# headers PKG FILE VAR SUBDIR: sets $dir to a folder holding FILE: $VAR when set, else PKG's .deb unpacked into
+# BUILD_DIR/deps/PKG (its usr/include/SUBDIR)
+headers() {
+  local pkg=$1 file=$2 var=$3 sub=$4
+  dir="${!var:-}"
+  if [ -n "$dir" ]; then
+    [ -f "$dir/$file" ] || die "$var=$dir has no $file"
+    return
+  fi
+  dir="$deps/$pkg/usr/include$sub"
+  if [ ! -f "$dir/$file" ]; then
+    fetch_deb "$pkg"
+    rm -rf "${deps:?}/$pkg"
+    dpkg -x "$deb" "$deps/$pkg"
+    [ -f "$dir/$file" ] || die "$deb holds no $file"
+  fi
+}
+
+headers libonnxruntime-dev onnxruntime_cxx_api.h ORT_INCLUDE_DIR /onnxruntime
+include=$dir
+headers nlohmann-json3-dev nlohmann/json.hpp JSON_INCLUDE_DIR ""
+json_include=$dir
+headers libstb-dev stb/stb_image.h STB_INCLUDE_DIR ""
+stb_include=$dir
+[ -z "$apt_ready" ] || rm -rf "$deps/apt/lists" "$deps/apt/cache"  # the package lists (~20 MB) served their purpose
 
 # --- configure + build ----------------------------------------------------------------------------------------------
 cmake -S "$here" -B "$build/cmake" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$cxx" \
-  -DORT_INCLUDE_DIR="$include" -DORT_LIB_DIR="$ortlib" -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$build" >"$build/cmake.log" ||
+  -DORT_INCLUDE_DIR="$include" -DJSON_INCLUDE_DIR="$json_include" -DSTB_INCLUDE_DIR="$stb_include" \
+  -DORT_LIB_DIR="$ortlib" -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$build" >"$build/cmake.log" ||
   { cat "$build/cmake.log" >&2; die "cmake configure failed"; }
 cmake --build "$build/cmake" --parallel "${MEDSAM_CPP_JOBS:-2}" >>"$build/cmake.log" 2>&1 ||
   { tail -n 40 "$build/cmake.log" >&2; die "compilation failed (log: $build/cmake.log)"; }

@@ -2,9 +2,9 @@
 // C++ API. The contract it follows is docs/onnx-contract.md; the Python runtime (medsam_rt) is the reference.
 //
 //   medsam_rt_cpp [--cuda] [--precision auto|fp32|fp16|int8] [--threads N] [--dump-input FILE]
-//                 MODEL_DIR IMAGE X0 Y0 X1 Y1 [X0 Y0 X1 Y1 ...] OUT.pgm
+//                 MODEL_DIR IMAGE X0 Y0 X1 Y1 [X0 Y0 X1 Y1 ...] OUT.png
 //
-// One box: OUT.pgm is 255 inside the mask, 0 outside. N >= 2 boxes: a label image, 0 background and k (1..N) for
+// One box: OUT.png is 255 inside the mask, 0 outside. N >= 2 boxes: a label image, 0 background and k (1..N) for
 // box k; where masks overlap the box with the highest probability wins (medsam_rt's Segmentation.label_image()).
 // Errors: one line on stderr, exit code 2.
 
@@ -28,8 +28,9 @@
 #include <string>
 #include <vector>
 
-#include "json.hpp"
-#include "pnm.hpp"
+#include <nlohmann/json.hpp>
+
+#include "image.hpp"
 #include "recipe.hpp"
 #include "sha256.hpp"
 
@@ -50,10 +51,10 @@ constexpr const char* kMetaEncoderSha256 = "medsam_rt.encoder_sha256";
 
 const char* const kUsage =
     "usage: medsam_rt_cpp [--cuda] [--precision auto|fp32|fp16|int8] [--threads N] [--dump-input FILE]\n"
-    "                     MODEL_DIR IMAGE X0 Y0 X1 Y1 [X0 Y0 X1 Y1 ...] OUT.pgm\n"
+    "                     MODEL_DIR IMAGE X0 Y0 X1 Y1 [X0 Y0 X1 Y1 ...] OUT.png\n"
     "       medsam_rt_cpp --version\n"
-    "IMAGE: binary PGM (P5, 8- or 16-bit) or PPM (P6, 8-bit). Boxes: x0 y0 x1 y1 in image pixels.\n"
-    "OUT.pgm: one box: 255 inside the mask; N boxes: labels 1..N (0 background).\n";
+    "IMAGE: PNG (8-bit gray or RGB, 16-bit gray). Boxes: x0 y0 x1 y1 in image pixels.\n"
+    "OUT.png: 8-bit gray; one box: 255 inside the mask; N boxes: labels 1..N (0 background).\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -105,7 +106,7 @@ Options parse_args(int argc, char** argv) {
     }
   }
   if (pos.size() < 7 || (pos.size() - 3) % 4 != 0) {
-    throw UsageError("expected MODEL_DIR IMAGE, groups of four box coordinates, OUT.pgm; got " +
+    throw UsageError("expected MODEL_DIR IMAGE, groups of four box coordinates, OUT.png; got " +
                      std::to_string(pos.size()) + " arguments");
   }
   o.model_dir = pos[0];
@@ -125,7 +126,7 @@ struct Graph {
 
 struct ModelDir {
   std::string dir;
-  json::Value model, preprocessing;  // as the manifest states them (the graphs' metadata must agree)
+  nlohmann::json model, preprocessing;  // as the manifest states them (the graphs' metadata must agree)
   Recipe recipe;
   bool random_weights = false;
   std::string precision;
@@ -144,8 +145,17 @@ std::string join(const std::vector<std::string>& items) {
   return s.empty() ? "none" : s;
 }
 
-const json::Value& at(const json::Value& obj, const char* key, const std::string& where) {
-  const json::Value* v = obj.is_object() ? obj.find(key) : nullptr;
+using nlohmann::json;
+
+// The member named `key` of an object, or nullptr (also when `obj` is not an object).
+const json* find(const json& obj, const char* key) {
+  if (!obj.is_object()) return nullptr;
+  const auto it = obj.find(key);
+  return it == obj.end() ? nullptr : &*it;
+}
+
+const json& at(const json& obj, const char* key, const std::string& where) {
+  const json* v = find(obj, key);
   if (v == nullptr) throw std::runtime_error(where + " is malformed: missing entry '" + key + "'");
   return *v;
 }
@@ -156,18 +166,18 @@ ModelDir load_model_dir(const std::string& dir, const std::string& requested, bo
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(dir + " is not a medsam-rt model directory: manifest.json is missing");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  json::Value m;
+  json m;
   try {
     m = json::parse(text);
   } catch (const std::exception& e) {
     throw std::runtime_error("cannot read " + path + ": " + e.what());
   }
-  const json::Value* format = m.is_object() ? m.find("format") : nullptr;
-  if (format == nullptr || !format->is_string() || format->string() != "medsam-rt") {
+  const json* format = find(m, "format");
+  if (format == nullptr || !format->is_string() || format->get<std::string>() != "medsam-rt") {
     throw std::runtime_error(path + " is not a medsam-rt manifest (missing \"format\": \"medsam-rt\")");
   }
-  const json::Value* version = m.find("schema_version");
-  if (version == nullptr || !version->is_number() || version->number() != kSchemaVersion) {
+  const json* version = find(m, "schema_version");
+  if (version == nullptr || !version->is_number() || version->get<double>() != kSchemaVersion) {
     throw std::runtime_error(path + " has an unknown schema_version; this program reads version " +
                              std::to_string(kSchemaVersion));
   }
@@ -177,20 +187,20 @@ ModelDir load_model_dir(const std::string& dir, const std::string& requested, bo
   if (!at(md.model, "source", path).is_string() || !at(md.model, "checksum", path).is_string()) {
     throw std::runtime_error(path + " is malformed: model.source and model.checksum must be strings");
   }
-  if (const json::Value* rw = md.model.find("random_weights")) md.random_weights = rw->is_bool() && rw->boolean();
+  if (const json* rw = find(md.model, "random_weights")) md.random_weights = rw->is_boolean() && rw->get<bool>();
   md.preprocessing = at(m, "preprocessing", path);
   md.recipe = medsam::parse_recipe(md.preprocessing);
 
   // precisions with both graphs and a passed gate, as medsam_rt.manifest.Manifest.precisions
-  const json::Value& graphs = at(m, "graphs", path);
-  const json::Value& encoders = at(graphs, "encoder", path);
-  const json::Value& decoders = at(graphs, "decoder", path);
-  const json::Value* parity = m.find("parity");
+  const json& graphs = at(m, "graphs", path);
+  const json& encoders = at(graphs, "encoder", path);
+  const json& decoders = at(graphs, "decoder", path);
+  const json* parity = find(m, "parity");
   std::vector<std::string> available;
   for (const char* p : kPrecisions) {
-    const json::Value* gate = parity != nullptr ? parity->find(p) : nullptr;
-    const json::Value* passed = gate != nullptr ? gate->find("passed") : nullptr;
-    if (encoders.find(p) && decoders.find(p) && passed != nullptr && passed->is_bool() && passed->boolean()) {
+    const json* gate = parity != nullptr ? find(*parity, p) : nullptr;
+    const json* passed = gate != nullptr ? find(*gate, "passed") : nullptr;
+    if (find(encoders, p) && find(decoders, p) && passed != nullptr && passed->is_boolean() && passed->get<bool>()) {
       available.emplace_back(p);
     }
   }
@@ -210,28 +220,29 @@ ModelDir load_model_dir(const std::string& dir, const std::string& requested, bo
                              join(available));
   }
   md.precision = precision;
-  for (const std::string& p : encoders.keys()) {
-    const json::Value& sha = at(at(encoders, p.c_str(), path), "sha256", path);
-    if (sha.is_string()) md.encoder_sha256s.push_back(sha.string());
+  if (!encoders.is_object()) throw std::runtime_error(path + " is malformed: graphs.encoder must be an object");
+  for (const auto& [p, entry] : encoders.items()) {
+    const json& sha = at(entry, "sha256", path + " (graphs.encoder." + p + ")");
+    if (sha.is_string()) md.encoder_sha256s.push_back(sha.get<std::string>());
   }
   // each graph: present, the manifest's size and sha256
   for (Graph* g : {&md.encoder, &md.decoder}) {
     g->role = g == &md.encoder ? "encoder" : "decoder";
-    const json::Value& entry = at(g == &md.encoder ? encoders : decoders, precision.c_str(), path);
-    const json::Value& file = at(entry, "file", path);
-    const json::Value& sha256 = at(entry, "sha256", path);
-    const json::Value& bytes = at(entry, "bytes", path);
+    const json& entry = at(g == &md.encoder ? encoders : decoders, precision.c_str(), path);
+    const json& file = at(entry, "file", path);
+    const json& sha256 = at(entry, "sha256", path);
+    const json& bytes = at(entry, "bytes", path);
     if (!file.is_string() || !sha256.is_string() || !bytes.is_number()) {
       throw std::runtime_error(path + " is malformed: bad graphs." + g->role + "." + precision + " entry");
     }
-    g->file = file.string();
+    g->file = file.get<std::string>();
     g->path = dir + "/" + g->file;
-    g->sha256 = sha256.string();
+    g->sha256 = sha256.get<std::string>();
     struct stat st {};
     if (::stat(g->path.c_str(), &st) != 0) throw std::runtime_error(g->file + " listed in " + path + " is missing");
-    if (static_cast<double>(st.st_size) != bytes.number()) {
+    if (static_cast<double>(st.st_size) != bytes.get<double>()) {
       throw std::runtime_error(g->file + " has " + std::to_string(st.st_size) + " bytes, the manifest says " +
-                               std::to_string(static_cast<long long>(bytes.number())) + ": truncated or replaced");
+                               std::to_string(static_cast<long long>(bytes.get<double>())) + ": truncated or replaced");
     }
     const std::string actual = medsam::sha256_file(g->path);
     if (actual != g->sha256) {
@@ -276,10 +287,9 @@ void check_graph(Ort::Session& s, const ModelDir& md, const Graph& g, const std:
     const std::string got = metadata(s, key);
     if (got != value) throw std::runtime_error(name + ": its metadata says " + key + "='" + got + "', expected '" + value + "'");
   }
-  const std::pair<const char*, const json::Value*> same[] = {{kMetaModel, &md.model},
-                                                             {kMetaPreprocessing, &md.preprocessing}};
+  const std::pair<const char*, const json*> same[] = {{kMetaModel, &md.model}, {kMetaPreprocessing, &md.preprocessing}};
   for (const auto& [key, value] : same) {
-    json::Value v;
+    json v;
     try {
       v = json::parse(metadata(s, key));
     } catch (const std::exception&) {
@@ -399,7 +409,7 @@ int run(const Options& o) {
   if (n > 255) throw std::runtime_error("a uint8 label image holds at most 255 boxes, got " + std::to_string(n));
   Timer load;  // manifest, sha256 of both graphs, sessions, metadata checks
   const ModelDir md = load_model_dir(o.model_dir, o.precision, o.cuda);
-  const medsam::RgbImage image = medsam::read_pnm(o.image);
+  const medsam::RgbImage image = medsam::read_png(o.image);
   medsam::validate_boxes(o.boxes, image.size);
   if (md.random_weights) {
     std::cerr << "medsam_rt_cpp: warning: " << md.dir << " has RANDOM WEIGHTS (tests only); its masks are meaningless\n";
@@ -433,7 +443,7 @@ int run(const Options& o) {
   const std::vector<std::uint8_t> result = medsam::mask_image(outs[0].GetTensorData<float>(), n, static_cast<int>(shape[2]),
                                                               static_cast<int>(shape[3]), md.recipe, resized, image.size);
   const double post_ms = post.ms();
-  medsam::write_pgm(o.out, image.size, result);
+  medsam::write_png(o.out, image.size, result);
 
   std::printf("%s: %dx%d, %zu box%s, %s on %s: load %.0f ms, preprocess %.1f ms, encoder %.1f ms, decoder %.1f ms, "
               "postprocess %.1f ms; IoU estimates",

@@ -10,26 +10,34 @@ namespace {
 
 [[noreturn]] void bad(const std::string& what) { throw std::runtime_error("manifest preprocessing: " + what); }
 
-const json::Value& member(const json::Value& obj, const char* key) {
-  const json::Value* v = obj.find(key);
+using nlohmann::json;
+
+const json* find(const json& obj, const char* key) {
+  if (!obj.is_object()) return nullptr;
+  const auto it = obj.find(key);
+  return it == obj.end() ? nullptr : &*it;
+}
+
+const json& member(const json& obj, const char* key) {
+  const json* v = find(obj, key);
   if (v == nullptr) bad(std::string("missing key '") + key + "'");
   return *v;
 }
 
-double number(const json::Value& v, const char* key) {
+double number(const json& v, const char* key) {
   if (!v.is_number()) bad(std::string("'") + key + "' must be a number");
-  return v.number();
+  return v.get<double>();
 }
 
-int integer(const json::Value& v, const char* key) {
+int integer(const json& v, const char* key) {
   double d = number(v, key);
   if (d != std::floor(d) || d < 0 || d > 1e6) bad(std::string("'") + key + "' must be a small non-negative integer");
   return static_cast<int>(d);
 }
 
-std::string text(const json::Value& v, const char* key) {
+std::string text(const json& v, const char* key) {
   if (!v.is_string()) bad(std::string("'") + key + "' must be a string");
-  return v.string();
+  return v.get<std::string>();
 }
 
 // A value in the vocabulary; implemented: the subset this example computes (the rest fails by name).
@@ -44,35 +52,35 @@ void check_value(const char* key, const std::string& value, const std::vector<st
   bad(key + std::string("='") + value + "' is unknown (expected one of: " + list + ")");
 }
 
-void triple(const json::Value* v, const char* key, double out[3]) {
+void triple(const json* v, const char* key, double out[3]) {
   if (v == nullptr) return;
   if (v->is_number()) {
-    out[0] = out[1] = out[2] = v->number();
+    out[0] = out[1] = out[2] = v->get<double>();
     return;
   }
-  if (!v->is_array() || v->items().size() != 3) bad(std::string("'") + key + "' must be a number or 3 numbers");
-  for (int c = 0; c < 3; ++c) out[c] = number(v->items()[c], key);
+  if (!v->is_array() || v->size() != 3) bad(std::string("'") + key + "' must be a number or 3 numbers");
+  for (size_t c = 0; c < 3; ++c) out[c] = number((*v)[c], key);
 }
 
 }  // namespace
 
-Recipe parse_recipe(const json::Value& p) {
+Recipe parse_recipe(const json& p) {
   if (!p.is_object()) bad("'preprocessing' must be an object");
   Recipe r;
   r.resize = text(member(p, "resize"), "resize");
   r.size = integer(member(p, "size"), "size");
   r.interpolation = text(member(p, "interpolation"), "interpolation");
   r.normalize = text(member(p, "normalize"), "normalize");
-  const json::Value& pad = member(p, "pad_size");
-  if (!pad.is_array() || pad.items().size() != 2) bad("'pad_size' must be [height, width]");
-  r.pad = {integer(pad.items()[0], "pad_size"), integer(pad.items()[1], "pad_size")};
+  const json& pad = member(p, "pad_size");
+  if (!pad.is_array() || pad.size() != 2) bad("'pad_size' must be [height, width]");
+  r.pad = {integer(pad[0], "pad_size"), integer(pad[1], "pad_size")};
   r.postprocess = text(member(p, "postprocess"), "postprocess");
-  if (const json::Value* v = p.find("rescale_factor")) r.rescale_factor = number(*v, "rescale_factor");
-  triple(p.find("image_mean"), "image_mean", r.image_mean);
-  triple(p.find("image_std"), "image_std", r.image_std);
-  if (const json::Value* v = p.find("box_scale")) r.box_scale = text(*v, "box_scale");
-  if (const json::Value* v = p.find("box_round")) r.box_round = text(*v, "box_round");
-  if (const json::Value* v = p.find("mask_threshold")) r.mask_threshold = number(*v, "mask_threshold");
+  if (const json* v = find(p, "rescale_factor")) r.rescale_factor = number(*v, "rescale_factor");
+  triple(find(p, "image_mean"), "image_mean", r.image_mean);
+  triple(find(p, "image_std"), "image_std", r.image_std);
+  if (const json* v = find(p, "box_scale")) r.box_scale = text(*v, "box_scale");
+  if (const json* v = find(p, "box_round")) r.box_round = text(*v, "box_round");
+  if (const json* v = find(p, "mask_threshold")) r.mask_threshold = number(*v, "mask_threshold");
 
   check_value("resize", r.resize, {"longest_side", "square"}, {});
   check_value("interpolation", r.interpolation, {"box", "bilinear", "hamming", "bicubic", "lanczos", "area"},

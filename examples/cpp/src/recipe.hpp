@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "json.hpp"
+#include <nlohmann/json.hpp>
 
 namespace medsam {
 
@@ -38,7 +38,7 @@ struct Recipe {
 };
 
 // Parse and validate; throws std::runtime_error naming the key and the unsupported value.
-Recipe parse_recipe(const json::Value& preprocessing);
+Recipe parse_recipe(const nlohmann::json& preprocessing);
 
 // (h, w) of the resized image before padding.
 Size resized_shape(Size original, const Recipe& recipe);
