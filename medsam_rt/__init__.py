@@ -7,59 +7,10 @@
 >>> res.masks.shape  # (N, H, W) bool
 """
 
-from .errors import (
-    ChallengeError,
-    DemoError,
-    EmbeddingMismatchError,
-    ExportError,
-    GateError,
-    InvalidBoxError,
-    InvalidImageError,
-    InvalidSliceError,
-    InvalidWindowError,
-    LabelOverflowError,
-    LabelVolumeError,
-    MaskFormatError,
-    MedSAMError,
-    MetricsError,
-    ModelDirError,
-    OptionSetError,
-    OutputFormatError,
-    ParityError,
-    PrecisionCheckError,
-    ProviderUnavailableError,
-    SeriesError,
-    UsageError,
-)
+from . import errors
+from .errors import *  # noqa: F403  (every typed error: errors.__all__)
 from .model import ImageEmbedding, MedSAM, Segmentation
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ChallengeError",
-    "DemoError",
-    "EmbeddingMismatchError",
-    "ExportError",
-    "GateError",
-    "ImageEmbedding",
-    "InvalidBoxError",
-    "InvalidImageError",
-    "InvalidSliceError",
-    "InvalidWindowError",
-    "LabelOverflowError",
-    "LabelVolumeError",
-    "MaskFormatError",
-    "MedSAM",
-    "MedSAMError",
-    "MetricsError",
-    "ModelDirError",
-    "OptionSetError",
-    "OutputFormatError",
-    "ParityError",
-    "PrecisionCheckError",
-    "ProviderUnavailableError",
-    "Segmentation",
-    "SeriesError",
-    "UsageError",
-    "__version__",
-]
+__all__ = [*errors.__all__, "ImageEmbedding", "MedSAM", "Segmentation", "__version__"]
