@@ -24,8 +24,13 @@ def window(values: np.ndarray, level: float, width: float) -> np.ndarray:
     if not width > 0:
         raise InvalidImageError(f"window width must be > 0, got {width}")
     lo = level - width / 2.0
-    scaled = (values.astype(np.float64) - lo) * (255.0 / width)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if values.ndim == 0 or values.size <= 1 << 23:
+        return np.clip(np.rint((values.astype(np.float64) - lo) * (255.0 / width)), 0, 255).astype(np.uint8)
+    out = np.empty(values.shape, np.uint8)  # large images: float64 work in row blocks of <= 64 MiB
+    step = max(1, (1 << 23) // (values.size // values.shape[0]))
+    for r in range(0, values.shape[0], step):
+        out[r : r + step] = np.clip(np.rint((values[r : r + step].astype(np.float64) - lo) * (255.0 / width)), 0, 255)
+    return out
 
 
 def percentile_clip(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
