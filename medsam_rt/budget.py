@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,7 @@ def estimate_segment(
     if display is None:
         display = channels == 1 and dtype != np.uint8
     display_bytes = plane if display else 0
-    display_work = 16 * plane if display else 0  # medical.window: float64 scaled + rounded copies
+    display_work = min(16 * plane, 128 * MiB) if display else 0  # medical.window: float64 temporaries (blocks)
     as_uint8 = dtype == np.uint8 or display
     intake = 0 if channels in (1, 3) and as_uint8 else plane * 3 if channels >= 3 else plane
     resized = resized_shape((h, w), preprocessing)
@@ -361,7 +362,8 @@ def image_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.dtyp
     modes |= {"I;16L": (1, np.uint16), "I": (1, np.int32), "F": (1, np.float32), "RGB": (3, np.uint8)}
     modes |= {"RGBA": (4, np.uint8)}
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:  # (the reader warns once it decodes, if at all)
+            warnings.simplefilter("ignore")
             channels, dtype = modes.get(img.mode, (4 if "A" in img.mode else 3, np.uint8))
             h, w = img.height, img.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -382,11 +384,13 @@ def check_cli_header(args: Any) -> MemoryEstimate | None:
     Raises:
         MemoryBudgetError: over the budget.
     """
+    from .formats import _is_dicom, is_nifti
     from .manifest import load_manifest
     from .providers import resolve_device
     from .results import output_suffix
 
-    header = image_header(args.image) if Path(args.image).is_file() else None
+    path = Path(args.image)
+    header = image_header(path) if path.is_file() and not is_nifti(path) and not _is_dicom(path) else None
     if header is None:
         return None
     shape, dtype = header
