@@ -11,7 +11,7 @@ output folder. Per run: wall time of the process, the batch's own ``seconds`` (j
 ``startup`` (engine start to first outcome: process pool spawn or Ray start, model loads, first job),
 ``steady_throughput`` (jobs after the first per second, between the first and the last outcome: engine start left
 out) and the per-stage seconds from the workers. Peak memory: ``/proc/PID/status`` VmHWM of every worker process
-(local: the driver's spawned children; ray: the ``ray::MapWorker`` actor processes), sampled every 0.2 s, and of
+(local: the driver's spawned children; ray: the ``ray::MapWorker`` actor processes), sampled every 0.5 s, and of
 the driver. Writes one JSON line per run (config, hardware, versions, load average) and a markdown table.
 """
 
@@ -66,6 +66,13 @@ def _status(pid: int) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _kib(value: str | None) -> int:
     return int(value.split()[0]) if value else 0
 
@@ -79,27 +86,29 @@ class MemorySampler(threading.Thread):
         self.peaks: dict[int, float] = {}
         self.driver_peak = 0.0
         self.stop = threading.Event()
+        self._scanned, self._actors = 0.0, []
 
     def _workers(self) -> list[int]:
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            if self.engine == "local":
-                if _status(pid).get("PPid", "").strip() == str(self.driver):
-                    found.append(pid)
-            else:
+        """Local: the driver's children (one small read); ray: ``ray::MapWorker`` processes, the whole of /proc
+        scanned once a second at most (the sampler's own CPU comes out of the machine the workers run on)."""
+        if self.engine == "local":
+            kids = []
+            for task in Path(f"/proc/{self.driver}/task").glob("*/children"):
                 try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    kids += [int(p) for p in task.read_text().split()]
                 except OSError:
                     continue
-                if cmd.startswith(b"ray::MapWorker"):
-                    found.append(pid)
-        return found
+            return [p for p in kids if b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)]
+        now = time.monotonic()
+        if now - self._scanned > 1.0:
+            self._scanned = now
+            self._actors = [
+                int(e) for e in os.listdir("/proc") if e.isdigit() and _cmdline(int(e)).startswith(b"ray::MapWorker")
+            ]
+        return self._actors
 
     def run(self) -> None:
-        while not self.stop.wait(0.2):
+        while not self.stop.wait(0.5):
             self.driver_peak = max(self.driver_peak, _kib(_status(self.driver).get("VmHWM")) / 1024)
             for pid in self._workers():
                 peak = _kib(_status(pid).get("VmHWM")) / 1024
