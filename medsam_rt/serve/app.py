@@ -398,7 +398,7 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
     def embed_slice(entry: ImageEntry, k: int) -> tuple[Any, float]:
         """The slice's embedding through the model's cache, and the seconds it took (about 0 when cached)."""
         t0 = time.perf_counter()
-        emb = model.embed(entry.display(k))
+        emb = model.embed(store.display(entry, k))
         seconds = time.perf_counter() - t0
         metrics.stage("embed", seconds)
         return emb, seconds
@@ -560,7 +560,7 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
     async def slice_png(image_id: str, k: int) -> Response:
         entry = entry_of(image_id)
         k = entry.check_slice(k)
-        data, _ = await queue.run(lambda: png_bytes(entry.display(k)))
+        data, _ = await queue.run(lambda: png_bytes(store.display(entry, k)))
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 
     @app.get(

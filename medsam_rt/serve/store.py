@@ -120,12 +120,23 @@ class ImageStore:
     """Images by id, at most ``max_images`` (least recently used dropped), each dropped after ``idle_timeout_s``
     without use. Thread-safe."""
 
-    def __init__(self, max_images: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_images: int,
+        idle_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        display_cache_bytes: int = 64 << 20,
+    ) -> None:
         self.max_images = max_images
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ImageEntry] = OrderedDict()
+        # 8-bit display slices by (id, slice), least recently used dropped past the budget: windowing a 16-bit
+        # 512x512 slice costs ~15 ms, which every request on it would pay again
+        self._displays: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._display_bytes = 0
+        self.display_cache_bytes = display_cache_bytes
         self.expired = 0  # dropped for idleness
         self.evicted = 0  # dropped for room
 
@@ -153,9 +164,34 @@ class ImageStore:
         with self._lock:
             self._items[entry.id] = entry
             while len(self._items) > self.max_images:
-                self._items.popitem(last=False)
+                old_id, _ = self._items.popitem(last=False)
+                self._forget_displays(old_id)
                 self.evicted += 1
         return entry
+
+    def display(self, entry: ImageEntry, k: int) -> np.ndarray:
+        """``entry.display(k)`` (read-only), kept in a bounded cache shared by all images."""
+        key = (entry.id, k)
+        with self._lock:
+            cached = self._displays.get(key)
+            if cached is not None:
+                self._displays.move_to_end(key)
+                return cached
+        image = entry.display(k)
+        image = image.copy() if not image.flags.owndata else image
+        image.setflags(write=False)
+        with self._lock:
+            if key not in self._displays and image.nbytes <= self.display_cache_bytes:
+                self._displays[key] = image
+                self._display_bytes += image.nbytes
+                while self._display_bytes > self.display_cache_bytes:
+                    _, old = self._displays.popitem(last=False)
+                    self._display_bytes -= old.nbytes
+        return image
+
+    def _forget_displays(self, image_id: str) -> None:  # caller holds the lock
+        for key in [key for key in self._displays if key[0] == image_id]:
+            self._display_bytes -= self._displays.pop(key).nbytes
 
     def get(self, image_id: str) -> ImageEntry | None:
         """The entry (now the most recently used), or ``None`` if unknown, deleted or expired."""
@@ -166,6 +202,7 @@ class ImageStore:
                 return None
             if now - entry.last_used > self.idle_timeout_s:
                 del self._items[image_id]
+                self._forget_displays(image_id)
                 self.expired += 1
                 return None
             entry.last_used = now
@@ -174,6 +211,7 @@ class ImageStore:
 
     def delete(self, image_id: str) -> bool:
         with self._lock:
+            self._forget_displays(image_id)
             return self._items.pop(image_id, None) is not None
 
     def expire(self) -> int:
@@ -183,5 +221,6 @@ class ImageStore:
             old = [k for k, e in self._items.items() if now - e.last_used > self.idle_timeout_s]
             for k in old:
                 del self._items[k]
+                self._forget_displays(k)
             self.expired += len(old)
             return len(old)
