@@ -235,7 +235,7 @@ def _readme(manifest, precision: str, kind: str, instances: int, specs: dict) ->
     return f"""# Triton model repository for {manifest.raw["model"]["source"]} ({precision})
 
 Written by `medsam-rt triton` from `{manifest.directory}` ({kind.upper()} instances, {instances} per model).
-Preprocessing: `{p.to_dict().get("recipe", "see manifest.json")}` (encoder input {p.pad_size[0]}x{p.pad_size[1]}).
+Preprocessing: `{manifest.raw["preprocessing"].get("recipe", "-")}` (encoder input {p.pad_size[0]}x{p.pad_size[1]}).
 
 | model | what it does |
 |---|---|
@@ -257,13 +257,15 @@ in one request). Throughput comes from instances (`instance_group` count) and fr
 
 ```
 docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-    -v $PWD:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
-    bash -c "pip install medsam-rt && tritonserver --model-repository=/models"
+    -v $PWD:/models -v $PWD/../wheels:/wheels nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
+    bash -c "pip install /wheels/*.whl && tritonserver --model-repository=/models"
 ```
 
-(CPU only: drop `--gpus all`. The `{PIPELINE}` model imports `medsam_rt` in Triton's Python backend, hence the
-pip install; the other three models need nothing but the server.) `curl localhost:8000/v2/health/ready` answers
-200 when the models are loaded.
+(CPU only: drop `--gpus all`.) The `{PIPELINE}` model imports `medsam_rt` in Triton's Python backend: put a
+medsam-rt wheel (`pip wheel --no-deps PATH_TO_MEDSAM_RT`) in a `wheels/` folder beside this repository (not
+inside it: Triton takes every folder here for a model), or drop the pip install and the `{PIPELINE}` folder when
+only the graph models are served; those need nothing but the server. `curl localhost:8000/v2/health/ready`
+answers 200 when the models are loaded.
 
 ## Call it
 
