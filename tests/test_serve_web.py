@@ -305,6 +305,23 @@ def test_page_volume_slices_and_nifti_download(browser, fallback_server, tmp_pat
     page.close()
 
 
+def test_page_with_token(browser, tiny_dir, tmp_path):
+    """With --token the page asks for it (401 shown, token field visible); /#token=... lets it work."""
+    from medsam_rt.serve.launch import ServerProcess
+
+    with ServerProcess(tiny_dir, "--token", "pagetoken", "--threads", "1", log_dir=tmp_path) as srv:
+        page = browser.new_page()
+        page.goto(f"{srv.url}/?decoder=server")
+        page.evaluate("window.medsam.ready")
+        assert page.locator("#token").is_visible() and "token" in page.locator("#status").text_content()
+        page.close()
+        page = browser.new_page()
+        page.goto(f"{srv.url}/?decoder=server#token=pagetoken")
+        assert page.evaluate("window.medsam.ready") == "server"
+        assert page.evaluate("window.medsam.state.model.auth") is True and not page.locator("#token").is_visible()
+        page.close()
+
+
 def test_page_server_decoder_chosen(browser, page_server, ct):
     page, got, _ = _open(browser, page_server, ct[0], "server")
     assert got == "server" and page.evaluate("window.medsam.state.modeDetail") == "chosen"
