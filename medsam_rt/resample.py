@@ -89,10 +89,13 @@ def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block
     """``rows @ image[..., c] @ cols.T`` for each channel of an ``(H, W, C)`` (or one ``(H, W)``) image; float64
     ``(out_h, out_w, C)`` (or ``(out_h, out_w)``) result.
 
-    The smaller product comes first. Memory: the input is converted to float64 in strips of at most
-    ``block_bytes`` along the axis that product keeps (columns for ``rows @ plane``, rows for ``plane @ cols.T``),
-    so no full-size float copy is made; each output value is the same dot product over the same inputs in
-    the same order as the whole-plane product (strips split only the kept axis, never the summed one).
+    The smaller product comes first. An image whose float64 plane fits in ``block_bytes`` is multiplied whole (one
+    BLAS call per product). A larger one is never converted whole: the first product runs in bands, each a group
+    of output rows (columns) with the input rows (columns) its weights reach, converted to float64 at most
+    ``block_bytes`` at a time, so the zeros of the resampling matrix cost nothing (area averaging over a 12000-pixel
+    axis has ~50 non-zero weights per output row). The band sums the same non-zero terms; BLAS may order them
+    differently than the whole product (the last bit of a float64 value), which uint8 rounding absorbs except at
+    exact ties.
     """
     if image.ndim == 3:
         out = np.empty((rows.shape[0], cols.shape[0], image.shape[2]))
@@ -100,14 +103,34 @@ def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block
             out[:, :, ch] = apply_separable(image[:, :, ch], rows, cols, block_bytes)
         return out
     h, w = image.shape
-    if rows.shape[0] <= cols.shape[0]:  # (rows @ plane) @ cols.T, plane in column strips
-        step = max(1, block_bytes // (8 * h))
+    rows_first = rows.shape[0] <= cols.shape[0]
+    if 8 * h * w <= block_bytes:
+        plane = image.astype(np.float64)
+        return (rows @ plane) @ cols.T if rows_first else rows @ (plane @ cols.T)
+    if rows_first:  # (rows @ plane) @ cols.T: bands of output rows over the input rows they weigh
         first = np.empty((rows.shape[0], w))
-        for c in range(0, w, step):
-            first[:, c : c + step] = rows @ image[:, c : c + step].astype(np.float64)
+        for (a, b), (k0, k1) in _bands(rows, 8 * w, block_bytes):
+            first[a:b] = rows[a:b, k0:k1] @ image[k0:k1].astype(np.float64)
         return first @ cols.T
-    step = max(1, block_bytes // (8 * w))  # rows @ (plane @ cols.T), plane in row strips
-    first = np.empty((h, cols.shape[0]))
-    for r in range(0, h, step):
-        first[r : r + step] = image[r : r + step].astype(np.float64) @ cols.T
+    first = np.empty((h, cols.shape[0]))  # rows @ (plane @ cols.T): bands of output columns
+    for (a, b), (k0, k1) in _bands(cols, 8 * h, block_bytes):
+        first[:, a:b] = image[:, k0:k1].astype(np.float64) @ cols[a:b, k0:k1].T
     return rows @ first
+
+
+def _bands(m: np.ndarray, line_bytes: int, block_bytes: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Groups ``(a, b)`` of consecutive rows of a resampling matrix ``m`` with the input range ``(k0, k1)`` their
+    non-zero weights cover, each range at most ``block_bytes / line_bytes`` inputs (or one output row)."""
+    nz = m != 0
+    lo = np.where(nz.any(axis=1), nz.argmax(axis=1), 0)
+    hi = np.where(nz.any(axis=1), m.shape[1] - nz[:, ::-1].argmax(axis=1), 1)
+    limit = max(1, block_bytes // max(1, line_bytes))
+    bands, a = [], 0
+    while a < m.shape[0]:
+        b, k0, k1 = a + 1, int(lo[a]), int(hi[a])
+        while b < m.shape[0] and max(k1, int(hi[b])) - min(k0, int(lo[b])) <= limit:
+            k0, k1 = min(k0, int(lo[b])), max(k1, int(hi[b]))
+            b += 1
+        bands.append(((a, b), (k0, k1)))
+        a = b
+    return bands

@@ -4,7 +4,6 @@ refusals before the slow work (medsam_rt.preprocess, medsam_rt.budget, ``medsam-
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -199,13 +198,20 @@ def test_image_header_reads_no_pixels(tmp_path):
     assert image_header(tmp_path / "c.png") is None
 
 
+#: Runs the CLI and reports its own peak RSS (VmHWM: ru_maxrss would carry the forking parent's over exec).
+CLI_CHILD = (
+    "import sys; from medsam_rt.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+    "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)"
+)
+
+
 def _cli(args: list[str], tmp_path: Path) -> tuple[int, float, str]:
-    """Run ``medsam-rt`` in a child process; exit code, that child's own peak RSS (bytes), stderr."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "medsam_rt.cli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(p.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024.0, p.stderr.read()
+    """Run ``medsam-rt`` in a child process; exit code, its own peak RSS (bytes), stderr (without the VmHWM line)."""
+    r = subprocess.run([sys.executable, "-c", CLI_CHILD, *args], capture_output=True, text=True)
+    lines = r.stderr.splitlines(keepends=True)
+    peak = next(int(line.split()[1]) * 1024.0 for line in lines if line.startswith("VmHWM"))
+    return r.returncode, peak, "".join(line for line in lines if not line.startswith("VmHWM"))
 
 
 def _slide(tmp_path: Path, size: int, n: int, seed: int = 0) -> tuple[Path, Path, np.ndarray]:
