@@ -5,7 +5,7 @@ A request's resident memory goes through phases (each includes what the earlier 
 - ``read``: the decoded image, plus the decoder's own buffer while it is copied out (Pillow holds RGB as 4 bytes
   per pixel);
 - ``embed``: the model's sessions, the image, its 8-bit display copy (non-8-bit sources), the intake and resize
-  temporaries of :mod:`medsam_rt.preprocess` (bounded strips, not full-size float copies), and the encoder's
+  temporaries of :mod:`medsam_rt.preprocess` (bounded bands, not full-size float copies), and the encoder's
   working memory (ONNX Runtime's arena, kept after the run);
 - ``decode``: low-resolution logits (``N x 256 x 256`` float32, held until the masks are written), the decoder's
   working memory for one call of up to 16 boxes, and the masks as crops (estimated from the boxes' areas: a mask
