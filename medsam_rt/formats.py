@@ -85,7 +85,8 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
+    """Whether :func:`read_scan` reads ``path`` as DICOM (a ``.dcm``-like suffix or the ``DICM`` preamble)."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
@@ -125,7 +126,7 @@ def read_scan(
         raise InvalidImageError(f"image file not found: {path}")
     if is_nifti(path):
         return _read_nifti(path, axis)
-    if _is_dicom(path):
+    if is_dicom(path):
         return _read_dicom(path, frame)
     if frame not in (None, 0):
         raise InvalidSliceError(f"--frame applies to multi-frame DICOM files; {path.name} is a 2-D image")
