@@ -384,13 +384,13 @@ def check_cli_header(args: Any) -> MemoryEstimate | None:
     Raises:
         MemoryBudgetError: over the budget.
     """
-    from .formats import _is_dicom, is_nifti
+    from .formats import is_dicom, is_nifti
     from .manifest import load_manifest
     from .providers import resolve_device
     from .results import output_suffix
 
     path = Path(args.image)
-    header = image_header(path) if path.is_file() and not is_nifti(path) and not _is_dicom(path) else None
+    header = image_header(path) if path.is_file() and not is_nifti(path) and not is_dicom(path) else None
     if header is None:
         return None
     shape, dtype = header
