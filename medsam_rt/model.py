@@ -391,8 +391,20 @@ class MedSAM:
             self, volume, boxes3d, stop_when_empty=stop_when_empty, cache_bytes=cache_bytes, on_slice=on_slice
         )
 
-    def predict(self, image: np.ndarray | str | os.PathLike[str], boxes: Any) -> Segmentation:
-        """``segment(embed(image), boxes)`` in one call."""
+    def predict(
+        self, image: np.ndarray | str | os.PathLike[str], boxes: Any, *, roi: bool | dict[str, Any] = False
+    ) -> Segmentation:
+        """``segment(embed(image), boxes)`` in one call.
+
+        ``roi=True`` (or a dict of :func:`medsam_rt.roi.segment_roi`'s ``margin``, ``min_side``, ``max_side``)
+        embeds a window around the boxes instead of the whole image, so small objects in large images are
+        segmented at their own scale (:mod:`medsam_rt.roi`; one encoder run per window). Off by default: the
+        whole image, as the reference inference does.
+        """
+        if roi:
+            from .roi import segment_roi
+
+            return segment_roi(self, image, boxes, **(roi if isinstance(roi, dict) else {}))
         return self.segment(self.embed(image), boxes)
 
 

@@ -72,6 +72,11 @@ def test_windowed_masks_are_in_original_coordinates(tiny_dir):
     probs = roi.probs
     assert probs.shape == (2, 900, 1300) and probs[0, 800:, 1200:].max() == 0.0  # outside window 0: background
     np.testing.assert_array_equal(probs[0] > 0.5, roi.masks[0])
+    same = model.predict(image, boxes, roi={"min_side": 128, "max_side": 256})  # the facade's roi= forward
+    np.testing.assert_array_equal(same.masks, roi.masks)
+    np.testing.assert_array_equal(same.scores, roi.scores)
+    whole = model.predict(image, boxes)  # roi off: the whole image, as segment(embed(image))
+    np.testing.assert_array_equal(whole.masks, model.segment(model.embed(image), boxes).masks)
 
 
 def test_small_objects_segmented_at_their_scale(lite_dir):
