@@ -353,6 +353,18 @@ def check(estimate: MemoryEstimate, budget: int | None = None, *, output: str = 
     )
 
 
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a ``MemoryError``, or ONNX Runtime's own allocation failure (its
+    ``Fail`` exception, not a ``MemoryError``: "Failed to allocate memory for requested buffer", or a C++
+    ``bad_alloc``)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "[ONNXRuntimeError]" in text and any(
+        s in text for s in ("Failed to allocate memory", "bad_alloc", "bad allocation")
+    )
+
+
 def image_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.dtype] | None:
     """``(shape, dtype)`` of a Pillow-readable image file from its header (no pixels decoded), as
     :func:`medsam_rt.io.read_image` will return it; ``None`` for other files (DICOM, NIfTI, unreadable)."""
@@ -440,6 +452,7 @@ def check_cli_segment(args: Any, scan: Any, plan: dict[int, list[list[float]]]) 
 
 
 __all__ = [
+    "is_allocation_failure",
     "DEFAULT_FRACTION",
     "MemoryEstimate",
     "ModelCost",

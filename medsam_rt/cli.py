@@ -704,19 +704,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedSAMError as exc:
         print(f"medsam-rt: error: {exc}", file=sys.stderr)
         return 2
-    except MemoryError as exc:  # the last line of defence: requests are estimated first (medsam_rt.budget)
-        print(
-            f"medsam-rt: error: out of memory ({exc or 'allocation failed'}); try fewer boxes, a smaller image "
-            "or --out .npz",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         print("medsam-rt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `medsam-rt info DIR | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except Exception as exc:  # the last line of defence: requests are estimated first (medsam_rt.budget)
+        from .budget import is_allocation_failure
+
+        if not is_allocation_failure(exc):  # a MemoryError, or ONNX Runtime failing to allocate
+            raise
+        what = (str(exc) or "allocation failed") if isinstance(exc, MemoryError) else "ONNX Runtime could not allocate"
+        print(
+            f"medsam-rt: error: out of memory ({what}); try fewer boxes, a smaller image or --out .npz",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

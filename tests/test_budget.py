@@ -297,3 +297,29 @@ def test_cli_memory_error_is_one_line(tiny_dir, tmp_path):
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "out of memory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_onnxruntime_allocation_failure_is_recognised():
+    """ONNX Runtime's arena failing to allocate raises its own ``Fail`` (not a MemoryError): the CLI's last line of
+    defence recognises it by the real message; another ONNX Runtime failure is not mistaken for it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from medsam_rt.budget import is_allocation_failure
+
+    fill = helper.make_node("ConstantOfShape", ["s"], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1]))
+    graph = helper.make_graph(
+        [fill],
+        "alloc",
+        [helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as huge:  # 16 TiB
+        session.run(None, {"s": np.array([1 << 20, 1 << 22], np.int64)})
+    assert not isinstance(huge.value, MemoryError) and is_allocation_failure(huge.value)
+    with pytest.raises(Exception) as wrong:  # a rank the graph does not take
+        session.run(None, {"s": np.array([[1, 2]], np.int64)})
+    assert not is_allocation_failure(wrong.value)
+    assert is_allocation_failure(MemoryError())
