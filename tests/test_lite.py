@@ -19,6 +19,11 @@ def lite_model(lite_dir):
 
 
 @pytest.fixture(scope="session")
+def lite_int8(lite_dir):
+    return MedSAM.load(lite_dir, precision="int8")
+
+
+@pytest.fixture(scope="session")
 def lite_reference():
     from medsam_rt_export.lite import LiteReference
 
@@ -70,17 +75,20 @@ def test_variants_on_phantoms_vs_truth(lite_dir, precision, bound):
 
 
 @pytest.mark.parametrize("sample", validation_set(), ids=lambda s: s.name)
-def test_matches_reference_pytorch_inference(lite_model, lite_reference, sample):
-    """Per box: Dice >= 0.98 against LiteMedSAM's CVPR24 PyTorch inference; IoU estimates within 0.02."""
+def test_matches_reference_pytorch_inference(lite_model, lite_int8, lite_reference, sample):
+    """Per box, against LiteMedSAM's CVPR24 PyTorch inference: fp32 Dice >= 0.98 with IoU estimates within 0.02;
+    int8 (the saturation-free u8u8 scheme, on whatever CPU runs this) Dice >= 0.97 with IoU estimates within 0.04."""
     from medsam_rt.preprocess import to_rgb_uint8
 
-    res = lite_model.segment(lite_model.embed(sample.image), sample.boxes)
     ref_masks, ref_iou = lite_reference.segment(lite_reference.embed(to_rgb_uint8(sample.image)), sample.boxes)
-    assert res.masks.shape == ref_masks.shape == (len(sample.boxes), *sample.image.shape[:2])
-    for k in range(len(sample.boxes)):
-        assert ref_masks[k].any(), f"reference mask {k} is empty: the box misses the structure"
-        assert dice(res.masks[k], ref_masks[k]) >= 0.98, (sample.name, k, dice(res.masks[k], ref_masks[k]))
-    np.testing.assert_allclose(res.scores, ref_iou, atol=0.02)
+    for model, min_dice, iou_tol in ((lite_model, 0.98, 0.02), (lite_int8, 0.97, 0.04)):
+        res = model.segment(model.embed(sample.image), sample.boxes)
+        assert res.masks.shape == ref_masks.shape == (len(sample.boxes), *sample.image.shape[:2])
+        for k in range(len(sample.boxes)):
+            assert ref_masks[k].any(), f"reference mask {k} is empty: the box misses the structure"
+            d = dice(res.masks[k], ref_masks[k])
+            assert d >= min_dice, (model.precision, sample.name, k, d)
+        np.testing.assert_allclose(res.scores, ref_iou, atol=iou_tol, err_msg=model.precision)
 
 
 @pytest.mark.parametrize("sample", [s for s in validation_set() if s.truth is not None], ids=lambda s: s.name)
