@@ -41,10 +41,11 @@ bench: setup $(TF4_VENV)/.installed
 web:
 	$(MAKE) -C web
 
-# Integration tier: the web page in headless Chromium (Debian's `chromium`: apt-get install chromium) and the
-# ray engine on a local Ray instance; a skip fails here (MEDSAM_RT_NO_SKIPS=1). About 5 minutes on 2 cores.
+# Integration tier: the web page in headless Chromium (Debian's `chromium`: apt-get install chromium), the
+# ray engine on a local Ray instance and the C++ example (cmake, g++, headers fetched from Debian); a skip fails
+# here (MEDSAM_RT_NO_SKIPS=1). About 8 minutes on 2 cores.
 test-integration: setup web
-	MEDSAM_RT_NO_SKIPS=1 $(PY) -m pytest -q -m 'browser or ray'
+	MEDSAM_RT_NO_SKIPS=1 $(PY) -m pytest -q -m 'browser or ray or cpp'
 
 # Long reliability tier: memory soak (2000 segment + 200 embed calls), long hypothesis properties, file fuzzing
 # (6000 image + 5000 DICOM/NIfTI damaged files); about 10 minutes on 2 cores. See docs/reliability.md.

@@ -141,7 +141,44 @@ class MemoryBudgetError(MedSAMError, RuntimeError):
         super().__init__(message)
 
 
+# -- the server and the batch / Triton tools --------------------------------------------------------------
+
+
+class ServeConfigError(MedSAMError, ValueError):
+    """A server setting is out of range (the message names it and what it must be)."""
+
+
+class ServeExtraMissingError(MedSAMError, RuntimeError):
+    """FastAPI, uvicorn or python-multipart (the ``serve`` extra) is not installed."""
+
+
+class ServerStartError(MedSAMError, RuntimeError):
+    """The server process exited or did not answer /healthz in time (its output is in the message)."""
+
+
+class BatchUsageError(MedSAMError, ValueError):
+    """A batch run cannot start: bad option, output folder in use or not a folder, engine not installed."""
+
+
+class BatchError(MedSAMError, RuntimeError):
+    """A batch run stopped: the model failed to load in a worker, or the engine itself failed."""
+
+
+class JobListError(MedSAMError, ValueError):
+    """The job list itself is unusable: missing, empty, or two jobs would write the same output."""
+
+
+class JobError(MedSAMError, ValueError):
+    """One job is malformed (reported as that job's failure)."""
+
+
+class TritonRepositoryError(MedSAMError, ValueError):
+    """The repository cannot be written: bad option, existing output, or a graph Triton's config cannot describe."""
+
+
 __all__ = [
+    "BatchError",
+    "BatchUsageError",
     "ChallengeError",
     "DemoError",
     "EmbeddingMismatchError",
@@ -151,6 +188,8 @@ __all__ = [
     "InvalidImageError",
     "InvalidSliceError",
     "InvalidWindowError",
+    "JobError",
+    "JobListError",
     "LabelOverflowError",
     "LabelVolumeError",
     "MaskFormatError",
@@ -164,5 +203,9 @@ __all__ = [
     "PrecisionCheckError",
     "ProviderUnavailableError",
     "SeriesError",
+    "ServeConfigError",
+    "ServeExtraMissingError",
+    "ServerStartError",
+    "TritonRepositoryError",
     "UsageError",
 ]

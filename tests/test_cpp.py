@@ -4,8 +4,8 @@ out as the Python CLI reads and writes them, and its error paths.
 
 The build must work here: a missing cmake or compiler fails the session (CI has to prove the example builds).
 Its header-only dependencies (ONNX Runtime's headers, nlohmann/json, stb) come as Debian .debs that build.sh
-fetches once into ``.cache/cpp-deps`` (git-ignored); without them there and without a network the tests skip,
-so the default tier never needs the network (CI's network tier fetches them: see ``DEB_CACHE``).
+fetches once into ``.cache/cpp-deps`` (git-ignored); without them there and without a network the tests skip.
+Marked ``cpp``: they run in ``make test-integration``, where a skip fails (CI has the network; see ``DEB_CACHE``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from medsam_rt import MedSAM
 from medsam_rt.manifest import METADATA_PREFIX
 from medsam_rt.preprocess import preprocess_image, to_rgb_uint8
 from medsam_rt.samples import dice, phantoms
+
+pytestmark = pytest.mark.cpp  # the integration tier: a C++ toolchain and Debian's header packages
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SH = REPO / "examples" / "cpp" / "build.sh"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ..errors import MedSAMError
+from ..errors import BatchError, BatchUsageError, MedSAMError
 from ..manifest import load_manifest
 from ..progress import Progress
 from ..providers import physical_cores
@@ -39,14 +39,6 @@ FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = ".batch.lock"
 # atomic_write's temporary names: ".<name>.<12 hex>.tmp<suffix>"
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp[^/]*$")
-
-
-class BatchUsageError(MedSAMError, ValueError):
-    """A batch run cannot start: bad option, output folder in use or not a folder, engine not installed."""
-
-
-class BatchError(MedSAMError, RuntimeError):
-    """A batch run stopped: the model failed to load in a worker, or the engine itself failed."""
 
 
 @dataclass(frozen=True)

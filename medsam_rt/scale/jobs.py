@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..challenge import run_case
-from ..errors import MedSAMError
+from ..errors import JobError, JobListError
 from ..formats import InvalidSliceError, display_range, parse_window, read_scan, to_display
 from ..labelvolume import write_label_volume
 from ..results import check_output, segment_scan, write_result
@@ -39,14 +39,6 @@ from ..results import check_output, segment_scan, write_result
 JOB_KEYS = ("id", "image", "boxes", "boxes3d", "window", "slice", "axis", "series")
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
 _NIFTI = (".nii.gz", ".nii")
-
-
-class JobListError(MedSAMError, ValueError):
-    """The job list itself is unusable: missing, empty, or two jobs would write the same output."""
-
-
-class JobError(MedSAMError, ValueError):
-    """One job is malformed (reported as that job's failure)."""
 
 
 @dataclass(frozen=True)

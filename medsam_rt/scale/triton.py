@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MedSAMError
+from ..errors import TritonRepositoryError
 from ..manifest import PRECISIONS, load_manifest, verify_graph
 
 ENCODER, DECODER, ENSEMBLE, PIPELINE = "medsam_encoder", "medsam_decoder", "medsam_embed_decode", "medsam"
@@ -45,10 +45,6 @@ TRITON_TYPES = {
 }
 # the runtime's boxes per decoder call on the CPU (the decoder's activations grow with N)
 MAX_BOXES_PER_CALL = 16
-
-
-class TritonRepositoryError(MedSAMError, ValueError):
-    """The repository cannot be written: bad option, existing output, or a graph Triton's config cannot describe."""
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ServeConfigError: a setting out of range; ServeExtraMissingError: FastAPI/uvicorn not installed.
     """
-    from .config import ServeConfig, ServeExtraMissingError
+    from ..errors import ServeExtraMissingError
+    from .config import ServeConfig
 
     for module in ("fastapi", "uvicorn", "multipart"):
         try:

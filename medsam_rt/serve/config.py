@@ -5,15 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MedSAMError
-
-
-class ServeConfigError(MedSAMError, ValueError):
-    """A server setting is out of range (the message names it and what it must be)."""
-
-
-class ServeExtraMissingError(MedSAMError, RuntimeError):
-    """FastAPI, uvicorn or python-multipart (the ``serve`` extra) is not installed."""
+from ..errors import ServeConfigError
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import MedSAMError
-
-
-class ServerStartError(MedSAMError, RuntimeError):
-    """The server process exited or did not answer /healthz in time (its output is in the message)."""
+from ..errors import ServerStartError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
