@@ -148,7 +148,10 @@ def check_embed_segment(model: MedSAM, image: np.ndarray) -> None:
     assert res.masks.shape == res.probs.shape == (2, h, w) and res.masks.dtype == bool
     assert np.isfinite(res.probs).all() and ((0 <= res.probs) & (res.probs <= 1)).all()
     assert res.scores.shape == (2,) and np.isfinite(res.scores).all()
-    np.testing.assert_array_equal(res.masks, res.probs > 0.5)
+    # masks are the exact (float64) chain's; probs the float32 one's: they may differ only within float32 rounding
+    # of the threshold (logit 0, probability 0.5)
+    differ = res.masks != (res.probs > 0.5)
+    assert (np.abs(res.probs[differ] - 0.5) <= 1e-6).all(), res.probs[differ]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
