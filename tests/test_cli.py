@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import rng_image
+from conftest import rng_image, run_cli
 from PIL import Image
 
 from medsam_rt import MedSAM
@@ -21,15 +18,6 @@ def image_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scan.png"
     Image.fromarray(rng_image((150, 220, 3), seed=5)).save(path)
     return path
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "medsam_rt.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
 
 
 def test_segment_writes_labels_and_overlay(tiny_dir, image_path, tmp_path, capsys):

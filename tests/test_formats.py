@@ -14,6 +14,7 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from medsam_rt import MedSAM
@@ -35,10 +36,6 @@ NIFTI_DIR = Path(nibabel.__file__).parent / "tests" / "data"
 CT = DICOM_DIR / "CT_small.dcm"
 MR = DICOM_DIR / "MR_small.dcm"
 ANAT = NIFTI_DIR / "anatomical.nii"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medsam_rt.cli", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rng_image
+from conftest import cli_command, rng_image
 
 from medsam_rt import EmbeddingMismatchError, MedSAM, ModelDirError, ProviderUnavailableError
 from medsam_rt import manifest as manifest_mod
@@ -459,7 +458,9 @@ def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path, container):
         load_source(str(evil))
     assert not marker.exists()
     r = subprocess.run(
-        _cli("export", "--quiet", "--model", str(evil), "--out", str(tmp_path / "o")), capture_output=True, text=True
+        cli_command("export", "--quiet", "--model", str(evil), "--out", str(tmp_path / "o")),
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "medsam_vit_b.pth" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "o").exists()
@@ -468,13 +469,11 @@ def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path, container):
 # -- atomic export and outputs ---------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "medsam_rt.cli", *args]
-
-
 def _start_export(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        _cli("export", "--random-weights", "--arch", "tiny", "--out", str(out), "--precision", "fp32,fp16", *extra),
+        cli_command(
+            "export", "--random-weights", "--arch", "tiny", "--out", str(out), "--precision", "fp32,fp16", *extra
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
