@@ -484,6 +484,15 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
             decoder["path"], media_type="application/octet-stream", headers={"Cache-Control": "max-age=3600"}
         )
 
+    def info_of(entry: ImageEntry, k: int, **extra: Any) -> ImageInfo:
+        """An image's description (upload's answer and ``GET /v1/images/{id}``), slice ``k`` current."""
+        h, w = entry.size
+        window = None if entry.value_range is None else [float(v) for v in entry.value_range]
+        return ImageInfo(
+            id=entry.id, width=w, height=h, slices=entry.slices, slice=k, kind=entry.scan.kind, name=entry.name,
+            window=window, **extra,
+        )  # fmt: skip
+
     @app.post(
         "/v1/images",
         tags=["images"],
@@ -511,18 +520,7 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
             return entry, k, {"read": (t1 - t0) * 1e3, "embed": embed_s * 1e3}
 
         (entry, k, ms), waited = await queue.run(work)
-        h, w = entry.size
-        return ImageInfo(
-            id=entry.id,
-            width=w,
-            height=h,
-            slices=entry.slices,
-            slice=k,
-            kind=entry.scan.kind,
-            name=entry.name,
-            window=None if entry.value_range is None else [float(v) for v in entry.value_range],
-            ms={"queue": waited * 1e3, **ms},
-        )
+        return info_of(entry, k, ms={"queue": waited * 1e3, **ms})
 
     @app.get(
         "/v1/images/{image_id}",
@@ -533,17 +531,7 @@ def create_app(config: ServeConfig, model: MedSAM | None = None) -> FastAPI:
     )
     async def image_info(image_id: str) -> ImageInfo:
         e = entry_of(image_id)
-        h, w = e.size
-        return ImageInfo(
-            id=e.id,
-            width=w,
-            height=h,
-            slices=e.slices,
-            slice=e.check_slice(None),
-            kind=e.scan.kind,
-            name=e.name,
-            window=None if e.value_range is None else [float(v) for v in e.value_range],
-        )
+        return info_of(e, e.check_slice(None))
 
     @app.delete("/v1/images/{image_id}", tags=["images"], dependencies=auth, summary="forget an image")
     async def delete_image(image_id: str) -> dict[str, Any]:
