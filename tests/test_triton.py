@@ -16,15 +16,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+# Triton's model-config schema: tritonclient[grpc] is a dev dependency, so a missing one fails collection loudly
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
 from medsam_rt import MedSAM
 from medsam_rt.cli import main
 from medsam_rt.errors import ModelDirError
 from medsam_rt.samples import real_samples, two_ellipse_phantom
 from medsam_rt.scale.triton import DECODER, ENCODER, ENSEMBLE, PIPELINE, TritonRepositoryError, write_repository
-
-text_format = pytest.importorskip("google.protobuf.text_format")
-json_format = pytest.importorskip("google.protobuf.json_format")
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64", "tensor(bool)": "TYPE_BOOL"}
 
