@@ -4,7 +4,7 @@ pool, Ray Data on a local Ray instance), Ray's overhead against local at equal w
     python benchmarks/batch_throughput.py MODEL_DIR [--jobs 24] [--rounds 2] [--workers 1,2]
         [--engines local,ray] [--precision fp32] [--out benchmarks/results]
 
-Jobs: ``--jobs`` PNG images (phantoms of 160-512 px and the real samples of medsam_rt.samples, cycled), one to two
+Jobs: ``--jobs`` PNG images (phantoms of 160-512 px and the real samples of medsam_rt.tools.samples, cycled), one to two
 boxes each. Every configuration runs as its own ``medsam-rt batch ... --json`` process (a cold start, as a user
 runs it: Ray starts its local instance inside it), the configurations alternating within each round, into a fresh
 output folder. Per run: wall time of the process, the batch's own ``seconds`` (job list read to last outcome),
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medsam_rt.bench import fingerprint
+from medsam_rt.tools.bench import fingerprint
 
 
 def cpu_flags() -> list[str]:
@@ -44,7 +44,7 @@ def cpu_flags() -> list[str]:
 
 def make_jobs(folder: Path, count: int) -> Path:
     """``count`` PNG jobs (phantoms and real samples, cycled) and their jobs.jsonl."""
-    from medsam_rt.samples import ellipse_phantom, real_samples, two_ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom, real_samples, two_ellipse_phantom
 
     pool = [ellipse_phantom(160 + 32 * k, 512 - 24 * k, seed=k) for k in range(6)] + [two_ellipse_phantom()]
     pool += [s for s in real_samples() if s.image.dtype == np.uint8]
@@ -118,7 +118,7 @@ class MemorySampler(threading.Thread):
 
 def run_once(model_dir: Path, jobs: Path, engine: str, workers: int, precision: str, scratch: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"{engine}{workers}-", dir=scratch))
-    command = [sys.executable, "-m", "medsam_rt.cli", "batch", str(model_dir), str(jobs), "--out", str(out)]
+    command = [sys.executable, "-m", "medsam_rt.tools.cli", "batch", str(model_dir), str(jobs), "--out", str(out)]
     command += ["--engine", engine, "--workers", str(workers), "--precision", precision, "--json"]
     load_before = os.getloadavg()
     start = time.perf_counter()

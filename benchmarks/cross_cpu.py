@@ -27,9 +27,9 @@ import numpy as np
 _WORKER = """
 import sys, json, numpy as np
 sys.path.insert(0, {repo!r})
-from medsam_rt.cpu import cpu_class, int8_probe
-from medsam_rt.preprocess import preprocess_image, to_rgb_uint8, Preprocessing
-from medsam_rt.providers import create_session
+from medsam_rt.core.cpu import cpu_class, int8_probe
+from medsam_rt.core.preprocess import preprocess_image, to_rgb_uint8, Preprocessing
+from medsam_rt.core.providers import create_session
 p = Preprocessing.from_dict(json.loads({recipe!r}))
 image = np.load({image!r})
 pixels, _ = preprocess_image(to_rgb_uint8(image), p)
@@ -51,10 +51,10 @@ def main() -> None:
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
         sys.exit("cross_cpu.py: qemu-x86_64 not found (apt-get install qemu-user)")
-    from medsam_rt.cpu import cpu_info
-    from medsam_rt.model import MedSAM
-    from medsam_rt.preprocess import Preprocessing
-    from medsam_rt.samples import dice, validation_set
+    from medsam_rt.core.cpu import cpu_info
+    from medsam_rt.core.model import MedSAM
+    from medsam_rt.core.preprocess import Preprocessing
+    from medsam_rt.tools.samples import dice, validation_set
 
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     encoders = args.encoders or [args.model_dir / manifest["graphs"]["encoder"][p]["file"] for p in ("int8", "fp32")]

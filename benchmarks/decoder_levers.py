@@ -44,7 +44,7 @@ LEVER_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("bias adds over the image tokens folded", {"fold_biases": True}),
     ("upscaling as 2 Gemms on the tokens (not ConvTranspose)", {"upscale": "matmul"}),
 ]
-#: ONNX Runtime's settings as medsam_rt/providers.py creates sessions (allow_spinning: ONNX Runtime's default).
+#: ONNX Runtime's settings as medsam_rt/core/providers.py creates sessions (allow_spinning: ONNX Runtime's default).
 DEFAULT_SESSION = {"threads": THREADS, "opt_level": "all", "allow_spinning": True, "mem_pattern": True, "arena": True}
 SESSION_SETS: dict[str, dict[str, Any]] = {
     "default (providers.py: ENABLE_ALL, threads=cores)": {},
@@ -109,7 +109,7 @@ def embedding(work: Path, net: Any) -> Path:
     """LiteMedSAM's embedding of the 512x512 ellipse phantom (a real embedding, not noise)."""
     import torch
 
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
     from medsam_rt_export.lite import LiteReference
 
     path = work / "embedding.npy"
@@ -282,7 +282,7 @@ def main() -> None:
 
     import warnings
 
-    from medsam_rt.bench import fingerprint
+    from medsam_rt.tools.bench import fingerprint
     from medsam_rt_export.lite import load_lite_net
 
     warnings.simplefilter("ignore")

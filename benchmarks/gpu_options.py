@@ -1,6 +1,6 @@
 """What does each CUDA option set do? (run by gpu_suite.sh on a GPU host; nothing here has run on a GPU yet)
 
-Every named set of ``medsam_rt.cuda.OPTION_SETS`` is measured in its own process (its cold start, arena and
+Every named set of ``medsam_rt.core.cuda.OPTION_SETS`` is measured in its own process (its cold start, arena and
 captured graphs are its own), the baseline ``no-io-binding`` first: load time, first encode (cuDNN's algorithm
 search happens here: compare ``default`` with ``heuristic-conv``), encoder latency, decoder + masks latency at
 N = 1, 4, 16, 64 boxes per call on a 512² image, one box → mask on a 2048² image, peak GPU memory, and the
@@ -40,8 +40,8 @@ MIN_DICE = 0.99  # as gpu_parity.py's CUDA-vs-CPU bound: different kernels may m
 def worker(model_dir: str, name: str, device: str, precision: str, repeats: int, reference: Path) -> dict[str, Any]:
     """Measure one option set in this (fresh) process."""
     from medsam_rt import MedSAM
-    from medsam_rt.bench import _boxes, _process_gpu_mib, timed
-    from medsam_rt.samples import dice, ellipse_phantom
+    from medsam_rt.tools.bench import _boxes, _process_gpu_mib, timed
+    from medsam_rt.tools.samples import dice, ellipse_phantom
 
     t0 = time.perf_counter()
     model = MedSAM.load(model_dir, device=device, precision=precision, cuda_options=name)
@@ -92,8 +92,8 @@ def worker(model_dir: str, name: str, device: str, precision: str, repeats: int,
 
 
 def run_sets(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from medsam_rt.bench import fingerprint
-    from medsam_rt.cuda import OPTION_SETS
+    from medsam_rt.core.cuda import OPTION_SETS
+    from medsam_rt.tools.bench import fingerprint
 
     names = args.sets.split(",") if args.sets else [*ORDER, *(n for n in OPTION_SETS if n not in ORDER)]
     if BASELINE in names:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from medsam_rt import MedSAM
-from medsam_rt.samples import dice, validation_set
+from medsam_rt.tools.samples import dice, validation_set
 
 CUDA_VS_CPU_MIN_DICE = 0.99
 FP16_MIN_DICE = 0.98

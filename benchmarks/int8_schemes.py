@@ -40,8 +40,8 @@ def quantise(name: str, src: Path, dst: Path, preprocessing: dict) -> None:
         quantize_static,
     )
 
-    from medsam_rt.preprocess import Preprocessing, preprocess_image, to_rgb_uint8
-    from medsam_rt.samples import validation_set
+    from medsam_rt.core.preprocess import Preprocessing, preprocess_image, to_rgb_uint8
+    from medsam_rt.tools.samples import validation_set
     from medsam_rt_export.optimize import gelu_fed_matmuls, quantize_int8
 
     logging.getLogger().setLevel(logging.ERROR)
@@ -77,11 +77,11 @@ def quantise(name: str, src: Path, dst: Path, preprocessing: dict) -> None:
 
 def accuracy(model_dir: Path, encoder: Path, fp32_results: dict) -> dict:
     """Embedding error and the gate's mask metrics of ``encoder`` (with the fp32 decoder) vs the fp32 graphs."""
-    from medsam_rt.model import MedSAM
-    from medsam_rt.samples import dice, validation_set
+    from medsam_rt.core.model import MedSAM
+    from medsam_rt.tools.samples import dice, validation_set
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    from medsam_rt.preprocess import Preprocessing
+    from medsam_rt.core.preprocess import Preprocessing
 
     p = Preprocessing.from_dict(manifest["preprocessing"])
     model = MedSAM(p, encoder, model_dir / "decoder.fp32.onnx", model_id="candidate")
@@ -109,7 +109,7 @@ def time_worker(path: str, repeats: int) -> None:
     """In a fresh process: median wall and CPU time of the encoder on a random input (2 threads, no spinning)."""
     import onnxruntime as ort
 
-    from medsam_rt.providers import physical_cores
+    from medsam_rt.core.providers import physical_cores
 
     o = ort.SessionOptions()
     o.intra_op_num_threads = physical_cores()
@@ -142,10 +142,10 @@ def main() -> None:
         return
     import onnx
 
-    from medsam_rt.cpu import cpu_info
-    from medsam_rt.model import MedSAM
-    from medsam_rt.preprocess import Preprocessing
-    from medsam_rt.samples import validation_set
+    from medsam_rt.core.cpu import cpu_info
+    from medsam_rt.core.model import MedSAM
+    from medsam_rt.core.preprocess import Preprocessing
+    from medsam_rt.tools.samples import validation_set
     from medsam_rt_export.optimize import integer_weight_ranges, saturation_free
 
     manifest = json.loads((args.model_dir / "manifest.json").read_text())

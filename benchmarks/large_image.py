@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from phantoms import make_phantom  # noqa: E402
 
-from medsam_rt.bench import fingerprint  # noqa: E402
+from medsam_rt.tools.bench import fingerprint  # noqa: E402
 
 
 def write_case(folder: Path, size: int, boxes: int, seed: int = 0) -> tuple[Path, Path]:
@@ -47,7 +47,7 @@ def write_case(folder: Path, size: int, boxes: int, seed: int = 0) -> tuple[Path
 
 #: Runs the CLI and reports its own peak RSS (VmHWM: ru_maxrss would carry the forking parent's over exec).
 CLI_CHILD = (
-    "import sys; from medsam_rt.cli import main; rc = main(sys.argv[1:]); "
+    "import sys; from medsam_rt.tools.cli import main; rc = main(sys.argv[1:]); "
     "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
     "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)"
 )
@@ -78,7 +78,7 @@ import json, sys, time
 import numpy as np, onnxruntime as ort
 from PIL import Image
 from medsam_rt import MedSAM
-from medsam_rt.manifest import load_manifest
+from medsam_rt.core.manifest import load_manifest
 model_dir, image, box_file, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 m = MedSAM.load(model_dir, precision="fp32")
 Image.MAX_IMAGE_PIXELS = None

@@ -28,10 +28,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from medsam_rt.bench import fingerprint  # noqa: E402
-from medsam_rt.io import atomic_write  # noqa: E402
-from medsam_rt.postprocess import axis_matrix, chain  # noqa: E402
-from medsam_rt.preprocess import Preprocessing, resized_shape  # noqa: E402
+from medsam_rt.core.images import atomic_write  # noqa: E402
+from medsam_rt.core.postprocess import axis_matrix, chain  # noqa: E402
+from medsam_rt.core.preprocess import Preprocessing, resized_shape  # noqa: E402
+from medsam_rt.tools.bench import fingerprint  # noqa: E402
 
 SYNTHETIC = {
     "crop_resize": dict(resize="longest_side", size=256, pad_size=(256, 256), postprocess="crop_resize"),
@@ -68,7 +68,7 @@ def cases(model_dir: Path | None, sizes: list[int]):
                 yield name, p, size, _synthetic_logits(size)
         return
     from medsam_rt import MedSAM
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
 
     model = MedSAM.load(model_dir, precision="fp32")
     for size in sizes:

@@ -86,7 +86,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def crop_dice(crop, y0: int, x0: int, truth: np.ndarray) -> float:
-    """Dice of a :class:`~medsam_rt.masks.MaskCrop` against ``truth`` placed at ``(y0, x0)`` (original pixels)."""
+    """Dice of a :class:`~medsam_rt.core.masks.MaskCrop` against ``truth`` placed at ``(y0, x0)`` (original pixels)."""
     h, w = truth.shape
     cy0, cx0 = crop.y0, crop.x0
     ch, cw = crop.mask.shape

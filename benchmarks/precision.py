@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam_rt.bench import fingerprint, ort_backend, timed
+from medsam_rt.tools.bench import fingerprint, ort_backend, timed
 
 IMAGE_SHAPE = (512, 512)
 
 
 def _image() -> np.ndarray:
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
 
     return ellipse_phantom(*IMAGE_SHAPE, seed=1).image
 

@@ -1,4 +1,4 @@
-"""Whole-image mode against ``--roi`` (medsam_rt.roi) on phantoms with known truth: Dice per object size.
+"""Whole-image mode against ``--roi`` (medsam_rt.core.roi) on phantoms with known truth: Dice per object size.
 
     python benchmarks/roi.py MODEL_DIR [--size 6000] [--small 24] [--large 3] [--out benchmarks/results]
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from phantoms import crop_dice, make_phantom  # noqa: E402
 
 from medsam_rt import MedSAM  # noqa: E402
-from medsam_rt.bench import fingerprint  # noqa: E402
-from medsam_rt.roi import segment_roi  # noqa: E402
+from medsam_rt.core.roi import segment_roi  # noqa: E402
+from medsam_rt.tools.bench import fingerprint  # noqa: E402
 
 BINS = [(0, 24), (24, 48), (48, 96), (96, 400), (400, 4000)]  # ellipse diameter (longest axis), pixels
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medsam_rt.serve.launch import Client, ServerProcess
+from medsam_rt.tools.serve.launch import Client, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ LIBRARY_CHILD = r"""
 import json, sys, time
 import numpy as np
 from medsam_rt import MedSAM
-from medsam_rt.formats import display_range, parse_window, read_scan, to_display
+from medsam_rt.io.formats import display_range, parse_window, read_scan, to_display
 model = MedSAM.load(sys.argv[1], precision="fp32", threads=int(sys.argv[2]))
 path, box = sys.argv[3], json.loads(sys.argv[4])
 scan = read_scan(path)
@@ -105,7 +105,7 @@ def sample_images() -> list[tuple[str, bytes, tuple[int, int]]]:
             out.append((name, p.read_bytes(), (128, 128) if name.startswith("CT") else (64, 64)))
     except ImportError:
         pass
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
 
     ph = ellipse_phantom(512, 512, seed=3).image
     buf = io.BytesIO()
@@ -256,7 +256,7 @@ def load(srv: ServerProcess, args, rows: list[dict], base: dict) -> None:
 def page(srv: ServerProcess, args, rows: list[dict], base: dict) -> None:
     from playwright.sync_api import sync_playwright
 
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
 
     ph = ellipse_phantom(512, 512, seed=3).image
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "serve-bench-phantom512.png"

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam_rt.bench import fingerprint
+from medsam_rt.tools.bench import fingerprint
 
 
 def phantom(slices: int, objects: int, size: int = 512, seed: int = 0):
     """N ellipsoids over the same slices (centred on the middle one), spread over the slice plane."""
-    from medsam_rt.volume import ellipsoid_phantom
+    from medsam_rt.core.volume import ellipsoid_phantom
 
     rng = np.random.default_rng(seed)
     z = (slices - 1) / 2
@@ -85,7 +85,7 @@ def worker(model_dir: Path, backend: str, slices: int, objects: int) -> dict:
 def rss_worker(model_dir: Path, slices: int, objects: int) -> dict:
     """medsam-rt alone on a 512x512 x ``slices`` volume, ``objects`` boxes over staggered slice ranges."""
     from medsam_rt import MedSAM
-    from medsam_rt.volume import ellipsoid_phantom
+    from medsam_rt.core.volume import ellipsoid_phantom
 
     specs = []
     for k in range(objects):  # staggered: the two sweeps overlap, so the embedding cache is used

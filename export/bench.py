@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsam_rt.preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
+from medsam_rt.core.preprocess import Preprocessing, preprocess_image, scale_boxes, to_rgb_uint8
 
 from .source import Source
 from .sources import load_source

@@ -19,7 +19,7 @@ from .util import one_line, sha256_file
 
 #: ``--model`` values naming this family.
 NAMES = ("litemedsam", "lite-medsam", "lite_medsam")
-#: LiteMedSAM's CVPR24 inference recipe, in the manifest vocabulary (medsam_rt.preprocess).
+#: LiteMedSAM's CVPR24 inference recipe, in the manifest vocabulary (medsam_rt.core.preprocess).
 LITE_PREPROCESSING: dict[str, Any] = {
     "recipe": "litemedsam-cvpr24",
     "resize": "longest_side",

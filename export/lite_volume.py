@@ -1,6 +1,6 @@
 """The CVPR24 3-D loop (``MedSAM_infer_npz_3D``) written plainly in PyTorch over :class:`LiteReference`.
 
-For tests and benchmarks of :mod:`medsam_rt.volume`: object after object, ``z_mid`` up to ``z_max`` then down to
+For tests and benchmarks of :mod:`medsam_rt.core.volume`: object after object, ``z_mid`` up to ``z_max`` then down to
 ``z_min``, every slice encoded again for every object (``reencode=True``, the reference's cost), the next box
 from the previous slice's uint8 mask (label value) resized with OpenCV's ``INTER_AREA``, padded, its bounding box
 grown by 3 pixels; the original box again when that mask is empty; later objects over earlier ones.

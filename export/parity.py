@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsam_rt.cpu import cpu_info
+from medsam_rt.core.cpu import cpu_info
+from medsam_rt.core.preprocess import Preprocessing, preprocess_image
 from medsam_rt.errors import GateError, ParityError
-from medsam_rt.preprocess import Preprocessing, preprocess_image
 
 from .source import Reference
 
@@ -71,7 +71,7 @@ def check_parity(
     Raises:
         ParityError: on the first output beyond tolerance (nothing should be written).
     """
-    from medsam_rt.providers import create_session
+    from medsam_rt.core.providers import create_session
 
     enc = create_session(encoder_path, "cpu", memory_pattern=False)
     dec = create_session(decoder_path, "cpu")
@@ -128,7 +128,7 @@ def gate_device(precision: str) -> str:
     Runtime has that target's provider, else the CPU."""
     import onnxruntime as ort
 
-    from medsam_rt.targets import TARGETS
+    from medsam_rt.core.targets import TARGETS
 
     available = ort.get_available_providers()
     return next((t.name for t in TARGETS.values() if t.precisions[0] == precision and t.provider in available), "cpu")
@@ -156,8 +156,8 @@ def check_variant(
     Raises:
         GateError: a check fails (the export writes nothing).
     """
-    from medsam_rt.model import MedSAM
-    from medsam_rt.samples import dice, validation_set
+    from medsam_rt.core.model import MedSAM
+    from medsam_rt.tools.samples import dice, validation_set
 
     p = Preprocessing.from_dict(preprocessing)
     # real weights: the whole validation set; random weights (nothing to gate): the first phantoms

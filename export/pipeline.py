@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 import torch
 
-from medsam_rt.cpu import cpu_info
+from medsam_rt.core.cpu import cpu_info
+from medsam_rt.core.images import check_parent_writable
+from medsam_rt.core.manifest import MANIFEST_NAME, METADATA_PREFIX, ROLES, SCHEMA_VERSION
+from medsam_rt.core.providers import physical_cores
 from medsam_rt.errors import ExportError, GateError
-from medsam_rt.io import check_parent_writable
-from medsam_rt.manifest import MANIFEST_NAME, METADATA_PREFIX, ROLES, SCHEMA_VERSION
-from medsam_rt.providers import physical_cores
 
 from .graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, export_graph
 from .hf import DEFAULT_MODEL
@@ -252,11 +252,11 @@ def _write_check_sample(
     tmp: Path, gates: dict[str, Any], fp32_results: dict[str, Any], gated: bool
 ) -> dict[str, Any] | None:
     """Write ``check_sample.npz`` for the load-time check of the reduced-precision variants
-    (:mod:`medsam_rt.checks`): the validation images on which the variants came closest to failing their gate
+    (:mod:`medsam_rt.core.checks`): the validation images on which the variants came closest to failing their gate
     (lowest per-box Dice vs fp32, then largest IoU-score difference), with the fp32 masks and scores.
     ``None`` when no reduced-precision variant passed its gate."""
-    from medsam_rt.checks import CHECK_SAMPLE_FILE, CheckCase, write_check_sample
-    from medsam_rt.samples import validation_set
+    from medsam_rt.core.checks import CHECK_SAMPLE_FILE, CheckCase, write_check_sample
+    from medsam_rt.tools.samples import validation_set
 
     variants = [p for p in gates if p != "fp32" and "per_sample" in gates[p]]
     if not variants:

@@ -1,6 +1,6 @@
 """The postprocessing graph: low-res logits to masks at the original size, so that it can run on the GPU.
 
-The numpy path (:mod:`medsam_rt.postprocess`) collapses each recipe's resize chain into one matrix per axis and
+The numpy path (:mod:`medsam_rt.core.postprocess`) collapses each recipe's resize chain into one matrix per axis and
 computes ``rows @ logits @ cols.T > threshold``. This graph does the same two MatMuls and the threshold with the
 matrices as *inputs*: the runtime builds them with the same numpy code (they depend only on the image size, so
 they are cheap and cached per size), which makes one graph serve every ``postprocess`` mode of the vocabulary
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from medsam_rt.manifest import METADATA_PREFIX, SCHEMA_VERSION
+from medsam_rt.core.manifest import METADATA_PREFIX, SCHEMA_VERSION
 
 from .util import sha256_file
 

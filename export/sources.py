@@ -15,23 +15,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from . import checkpoints, hf, lite
-from .hf import (  # noqa: F401  (re-exported: the HF family's names, as imported before the family split)
-    ARCHS,
-    DEFAULT_MODEL,
-    PROCESSOR_FILES,
-    RANDOM_SEED,
-    default_processor_config,
-    hf_model_source,
-    hf_source,
-    preprocessing_from_processor,
-    random_source,
-    randomize,
-    read_processor_config,
-    tiny_config,
-)
-from .source import Reference, Source  # noqa: F401  (re-exported)
-
-_randomize = randomize  # the name tests/test_fast_decoder.py imports (use hf.randomize)
+from .source import Source
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@
 >>> res.masks.shape  # (N, H, W) bool
 """
 
-from . import errors
-from .errors import *  # noqa: F403  (every typed error: errors.__all__)
-from .model import ImageEmbedding, MedSAM, Segmentation
+from medsam_rt import errors
+from medsam_rt.core.model import ImageEmbedding, MedSAM, Segmentation
+from medsam_rt.errors import *  # noqa: F403  (every typed error: errors.__all__)
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ class ModelDirError(MedSAMError, ValueError):
 
 
 class PrecisionCheckError(ModelDirError):
-    """A reduced-precision variant failed its load-time check on this CPU (see :mod:`medsam_rt.checks`).
+    """A reduced-precision variant failed its load-time check on this CPU (see :mod:`medsam_rt.core.checks`).
 
     Attributes: ``precision``, ``metric`` (what was compared), ``value`` and ``bound`` (what it had to meet).
     """
@@ -84,7 +84,7 @@ class GateError(ParityError):
 
 
 class OptionSetError(MedSAMError, ValueError):
-    """An unknown or inconsistent CUDA option set (:mod:`medsam_rt.cuda`)."""
+    """An unknown or inconsistent CUDA option set (:mod:`medsam_rt.core.cuda`)."""
 
 
 class LabelOverflowError(MedSAMError, ValueError):
@@ -134,7 +134,7 @@ class DemoError(MedSAMError, RuntimeError):
 
 class MemoryBudgetError(MedSAMError, RuntimeError):
     """A request would need more memory than its budget (``--max-memory``, or a share of the available memory);
-    refused before the slow work (see :mod:`medsam_rt.budget`). Attributes: ``needed`` and ``budget`` (bytes)."""
+    refused before the slow work (see :mod:`medsam_rt.tools.budget`). Attributes: ``needed`` and ``budget`` (bytes)."""
 
     def __init__(self, message: str, *, needed: int, budget: int) -> None:
         self.needed, self.budget = needed, budget

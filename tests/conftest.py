@@ -26,7 +26,7 @@ CUSTOM_PROCESSOR = dict(
 
 @pytest.fixture(scope="session")
 def tiny_source():
-    from medsam_rt_export.sources import random_source
+    from medsam_rt_export.hf import random_source
 
     return random_source("tiny")
 
@@ -139,10 +139,10 @@ def seed_path(processor, sam, image, boxes):
 
 
 def cli_command(*args: str) -> list[str]:
-    """``python -m medsam_rt.cli ARGS...`` with this interpreter (for ``subprocess.Popen`` and friends)."""
+    """``python -m medsam_rt.tools.cli ARGS...`` with this interpreter (for ``subprocess.Popen`` and friends)."""
     import sys
 
-    return [sys.executable, "-m", "medsam_rt.cli", *args]
+    return [sys.executable, "-m", "medsam_rt.tools.cli", *args]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs):

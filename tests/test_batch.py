@@ -10,21 +10,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import nibabel
 import numpy as np
 import pytest
+from conftest import cli_command, run_cli
 from PIL import Image
 
-from medsam_rt.cli import main
-from medsam_rt.providers import physical_cores
-from medsam_rt.samples import ellipse_phantom, phantoms, real_samples
-from medsam_rt.scale import BatchUsageError, JobListError, read_jobs, run_batch
-from medsam_rt.scale.batch import FAILURES_FILE, LOCK_FILE, _lock
-from medsam_rt.volume import ellipsoid_phantom
+from medsam_rt.core.providers import physical_cores
+from medsam_rt.core.volume import ellipsoid_phantom
+from medsam_rt.tools.cli import main
+from medsam_rt.tools.samples import ellipse_phantom, phantoms, real_samples
+from medsam_rt.tools.scale import BatchUsageError, JobListError, read_jobs, run_batch
+from medsam_rt.tools.scale.batch import FAILURES_FILE, LOCK_FILE, _lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -213,8 +213,9 @@ def test_killed_run_restarts_to_the_same_outputs(lite_dir, data, reference, tmp_
     lines = [json.dumps({"image": j.image, "id": j.id, "boxes": [list(b) for b in j.boxes]}) for j in good[:12]]
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "medsam_rt.cli", "batch", str(lite_dir), str(tmp_path / "jobs.jsonl")]
-    command += ["--out", str(out), "--quiet", *PRECISION]
+    command = cli_command(
+        "batch", str(lite_dir), str(tmp_path / "jobs.jsonl"), "--out", str(out), "--quiet", *PRECISION
+    )
     run = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
@@ -230,7 +231,7 @@ def test_killed_run_restarts_to_the_same_outputs(lite_dir, data, reference, tmp_
     for name in finished:  # nothing half-written under a final name
         np.testing.assert_array_equal(_read(out / name), _read(reference / name))
     # started again: the finished jobs are skipped, the temporary files of the killed writes removed
-    r = subprocess.run([*command[:-3], "--json", *PRECISION], capture_output=True, text=True, timeout=300)
+    r = run_cli(*command[3:-3], "--json", *PRECISION, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["skipped"] == len(finished) and summary["succeeded"] == 12 - len(finished)

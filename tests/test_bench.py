@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from medsam_rt.bench import DRAG_BOXES, DRAG_SIZES, IMAGE_SIZES, drag_boxes, format_table, run_bench
+from medsam_rt.tools.bench import DRAG_BOXES, DRAG_SIZES, IMAGE_SIZES, drag_boxes, format_table, run_bench
 
 
 def test_bench_quick_measures_every_backend(tiny_dir, tmp_path):
@@ -78,7 +78,7 @@ def test_table_without_torch_row():
 def test_optimum_row_is_skipped_with_its_reason(tiny_dir, tmp_path, monkeypatch):
     import sys
 
-    from medsam_rt.bench import _prepare_optimum
+    from medsam_rt.tools.bench import _prepare_optimum
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached
     assert "LiteMedSAM (TinyViT) is not one" in _prepare_optimum(tiny_dir, sys.executable, "litemedsam")

@@ -1,5 +1,6 @@
 """Bounded preprocessing memory (equal to the whole-plane recipe), request estimates against measured peak RSS, and
-refusals before the slow work (medsam_rt.preprocess, medsam_rt.budget, ``medsam-rt segment --max-memory``)."""
+refusals before the slow work (medsam_rt.core.preprocess, medsam_rt.tools.budget,
+``medsam-rt segment --max-memory``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsam_rt import preprocess
-from medsam_rt.budget import (
+from medsam_rt.core import preprocess
+from medsam_rt.core.preprocess import PIL_FILTERS, Preprocessing, preprocess_image, resized_shape, to_rgb_uint8
+from medsam_rt.core.resample import area_matrices
+from medsam_rt.errors import MemoryBudgetError, UsageError
+from medsam_rt.tools.budget import (
     MemoryEstimate,
     ModelCost,
     available_bytes,
@@ -25,9 +29,6 @@ from medsam_rt.budget import (
     image_header,
     parse_size,
 )
-from medsam_rt.errors import MemoryBudgetError, UsageError
-from medsam_rt.preprocess import PIL_FILTERS, Preprocessing, preprocess_image, resized_shape, to_rgb_uint8
-from medsam_rt.resample import area_matrices
 
 LITE = Preprocessing(
     resize="longest_side", size=256, interpolation="area", normalize="minmax", pad_size=(256, 256),
@@ -135,7 +136,7 @@ def test_default_blocks_are_one_product_up_to_8_megapixels():
     float64 intermediate is the same; larger images are split."""
     img = np.random.default_rng(0).integers(0, 256, (2000, 3000), dtype=np.uint8)
     rows, cols = area_matrices(resized_shape(img.shape, LITE), img.shape)
-    from medsam_rt.resample import apply_separable
+    from medsam_rt.core.resample import apply_separable
 
     plane = img.astype(np.float64)
     np.testing.assert_array_equal(apply_separable(img, rows, cols), (rows @ plane) @ cols.T)
@@ -200,7 +201,7 @@ def test_image_header_reads_no_pixels(tmp_path):
 
 #: Runs the CLI and reports its own peak RSS (VmHWM: ru_maxrss would carry the forking parent's over exec).
 CLI_CHILD = (
-    "import sys; from medsam_rt.cli import main; rc = main(sys.argv[1:]); "
+    "import sys; from medsam_rt.tools.cli import main; rc = main(sys.argv[1:]); "
     "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
     "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)"
 )
@@ -233,9 +234,9 @@ def _slide(tmp_path: Path, size: int, n: int, seed: int = 0) -> tuple[Path, Path
 @pytest.mark.parametrize("size,n,out", [(1500, 20, "m.png"), (7000, 40, "m.npz"), (9000, 24, "m.png")])
 def test_estimate_within_25_percent_of_measured_peak(lite_dir, tmp_path, size, n, out):
     """The real CLI on LiteMedSAM (fp32): the estimate of ``check_cli_segment`` against the child's peak RSS."""
-    from medsam_rt.budget import check_cli_segment
-    from medsam_rt.cli import _plan_slices, build_parser
-    from medsam_rt.formats import read_scan
+    from medsam_rt.io.formats import read_scan
+    from medsam_rt.tools.budget import check_cli_segment
+    from medsam_rt.tools.cli import _plan_slices, build_parser
 
     image, box_file, _ = _slide(tmp_path, size, n)
     argv = ["segment", str(lite_dir), str(image), "--boxes", str(box_file), "--out", str(tmp_path / out)]
@@ -278,7 +279,7 @@ def test_cli_memory_error_is_one_line(tiny_dir, tmp_path):
     image = tmp_path / "big.png"
     Image.fromarray(np.zeros((6000, 6000), np.uint8)).save(image)
     code = (
-        "import resource, sys; from medsam_rt.cli import main; "
+        "import resource, sys; from medsam_rt.tools.cli import main; "
         "soft = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
         "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), resource.RLIM_INFINITY)); "
         "sys.exit(main(sys.argv[2:]))"
@@ -286,7 +287,8 @@ def test_cli_memory_error_is_one_line(tiny_dir, tmp_path):
     # the interpreter with numpy, Pillow and onnxruntime imported maps ~1.2 GB of address space; +60 MB is less
     # than the image (36 MB) twice with Pillow's buffers
     probe = subprocess.run(
-        [sys.executable, "-c", "import medsam_rt.cli, onnxruntime, PIL.Image; print(open('/proc/self/status').read())"],
+        [sys.executable, "-c",
+         "import medsam_rt.tools.cli, onnxruntime, PIL.Image; print(open('/proc/self/status').read())"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     vm = next(int(line.split()[1]) * 1024 for line in probe.stdout.splitlines() if line.startswith("VmSize"))
@@ -305,7 +307,7 @@ def test_onnxruntime_allocation_failure_is_recognised():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from medsam_rt.budget import is_allocation_failure
+    from medsam_rt.tools.budget import is_allocation_failure
 
     fill = helper.make_node("ConstantOfShape", ["s"], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1]))
     graph = helper.make_graph(

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from medsam_rt import MedSAM
-from medsam_rt.challenge import TIMES_FILE, run_challenge
-from medsam_rt.cli import main
-from medsam_rt.metrics import MetricsError, dice, evaluate, nsd, score_case, summary, surfel_areas
-from medsam_rt.volume import ellipsoid_phantom
+from medsam_rt.core.volume import ellipsoid_phantom
+from medsam_rt.io.challenge import TIMES_FILE, run_challenge
+from medsam_rt.io.metrics import MetricsError, dice, evaluate, nsd, score_case, summary, surfel_areas
+from medsam_rt.tools.cli import main
 
 
 def cube(shape, lo, hi) -> np.ndarray:

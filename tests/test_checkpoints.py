@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import manifest_of, rng_image
+from conftest import manifest_of, rng_image, run_cli
 
 from medsam_rt import MedSAM
 from medsam_rt.errors import ExportError
@@ -103,7 +103,7 @@ def test_runtime_follows_medsam_original_recipe(pth_dir, sa_model):
     """Square 1024 resize, min-max, boxes * 1024/W, 1024/H, logits bilinear 256 -> (H, W), as MedSAM_Inference.py."""
     import torch.nn.functional as F
 
-    from medsam_rt.preprocess import preprocess_image, to_rgb_uint8
+    from medsam_rt.core.preprocess import preprocess_image, to_rgb_uint8
 
     model = MedSAM.load(pth_dir)
     image = rng_image((300, 700), seed=4)
@@ -159,25 +159,8 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path, pth_path, sa_model):
 
 
 def test_cli_export_of_a_bad_checkpoint_is_one_line(tmp_path, pth_path):
-    import subprocess
-    import sys
-
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medsam_rt.cli",
-            "export",
-            "--quiet",
-            "--model",
-            str(bad),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli("export", "--quiet", "--model", str(bad), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.pth: cannot read it" in r.stderr
     assert not (tmp_path / "out").exists()

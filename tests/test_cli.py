@@ -10,7 +10,7 @@ from conftest import rng_image, run_cli
 from PIL import Image
 
 from medsam_rt import MedSAM
-from medsam_rt.cli import main
+from medsam_rt.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_demo_runs_and_writes_outputs(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in out and "Dice vs truth" in out
     written = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    from medsam_rt.samples import validation_set
+    from medsam_rt.tools.samples import validation_set
 
     n = len(validation_set())
     assert len(written) == 2 * n and sum(name.endswith("_overlay.png") for name in written) == n

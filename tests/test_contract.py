@@ -16,8 +16,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from medsam_rt import preprocess
-from medsam_rt.manifest import METADATA_PREFIX, PRECISIONS, ROLES, SCHEMA_VERSION
+from medsam_rt.core import preprocess
+from medsam_rt.core.manifest import METADATA_PREFIX, PRECISIONS, ROLES, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "onnx-contract.md"
@@ -155,12 +155,14 @@ class _KeyReads:
 
 
 def python_runtime_reads() -> tuple[set[str], set[str]]:
-    """(manifest key paths, metadata_props keys) that ``medsam_rt/*.py`` reads; only the deepest paths are kept.
+    """(manifest key paths, metadata_props keys) that the runtime's modules read (``medsam_rt/`` without the server
+    and the batch/Triton tools, whose JSON is their own); only the deepest paths are kept.
 
     Role and precision names in a path are variable segments (``graphs.encoder.fp32.file`` is ``graphs.*.*.file``).
     """
     found: set[tuple[str, ...]] = set()
-    for path in sorted((REPO / "medsam_rt").glob("*.py")):
+    runtime = REPO / "medsam_rt"
+    for path in sorted(p for p in runtime.rglob("*.py") if p.parent.name not in ("serve", "scale")):
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
         functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}

@@ -24,9 +24,9 @@ import pytest
 from conftest import rng_image
 
 from medsam_rt import MedSAM
-from medsam_rt.manifest import METADATA_PREFIX
-from medsam_rt.preprocess import preprocess_image, to_rgb_uint8
-from medsam_rt.samples import dice, phantoms
+from medsam_rt.core.manifest import METADATA_PREFIX
+from medsam_rt.core.preprocess import preprocess_image, to_rgb_uint8
+from medsam_rt.tools.samples import dice, phantoms
 
 pytestmark = pytest.mark.cpp  # the integration tier: a C++ toolchain and Debian's header packages
 
@@ -111,7 +111,7 @@ def write_png(path: Path, image: np.ndarray) -> Path:
 
 def read_png(path: Path) -> np.ndarray:
     """The example's output: an 8-bit grayscale PNG, as the Python CLI reads it."""
-    from medsam_rt.io import read_image
+    from medsam_rt.core.images import read_image
 
     labels = read_image(path)
     assert labels.dtype == np.uint8 and labels.ndim == 2

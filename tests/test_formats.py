@@ -18,9 +18,8 @@ from conftest import run_cli
 from PIL import Image
 
 from medsam_rt import MedSAM
-from medsam_rt.cli import main
 from medsam_rt.errors import InvalidImageError
-from medsam_rt.formats import (
+from medsam_rt.io.formats import (
     InvalidSliceError,
     InvalidWindowError,
     display_range,
@@ -28,8 +27,9 @@ from medsam_rt.formats import (
     read_scan,
     to_display,
 )
-from medsam_rt.progress import Progress
-from medsam_rt.results import read_npz
+from medsam_rt.io.results import read_npz
+from medsam_rt.tools.cli import main
+from medsam_rt.tools.progress import Progress
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 NIFTI_DIR = Path(nibabel.__file__).parent / "tests" / "data"
@@ -204,7 +204,7 @@ def test_per_slice_box_file_and_npz(tiny, tiny_dir, tmp_path):
     boxes.write_text("# slice, x0, y0, x1, y1\n3, 2, 2, 20, 20\n3 10 10 30 24\n7,5,5,25,25\n")
     out = tmp_path / "m.npz"
     assert main(["segment", str(tiny_dir), str(ANAT), "--axis", "1", "--boxes", str(boxes), "--out", str(out)]) == 0
-    z = read_npz(out)  # per-mask crops + offsets (the format of medsam_rt.masks)
+    z = read_npz(out)  # per-mask crops + offsets (the format of medsam_rt.core.masks)
     assert str(np.load(out)["mask_format"]) == "crops" and "masks" not in np.load(out)
     masks = z.dense()
     assert masks.dtype == bool and masks.shape[0] == 3
@@ -386,7 +386,7 @@ def test_large_image_within_bounded_memory(tiny_dir, tmp_path):
         tmp_path / "big.png"
     )
     code = (
-        "import resource, sys; from medsam_rt.cli import main; "
+        "import resource, sys; from medsam_rt.tools.cli import main; "
         f"rc = main(['segment', '{tiny_dir}', '{tmp_path / 'big.png'}', '--box', '2800,2800,7200,7200', "
         "'--box', '100,100,3000,3000', '--box', '10,10,9000,9000', '--box', '5000,5000,9990,9990', "
         f"'--out', '{tmp_path / 'm.png'}', '--quiet']); "

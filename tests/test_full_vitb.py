@@ -33,7 +33,7 @@ def test_vitb_export_contract_and_parity(vitb_dir):
 
 
 def test_vitb_runtime_matches_pytorch(vitb_dir):
-    from medsam_rt_export.sources import random_source
+    from medsam_rt_export.hf import random_source
 
     sam = random_source("vit-base").model
     processor = seed_processor()

@@ -24,11 +24,11 @@ from hypothesis.extra import numpy as hnp
 from test_reliability import soak  # noqa: F401 - the fixture that gates the long tier
 
 from medsam_rt import InvalidBoxError, InvalidImageError, MedSAM
-from medsam_rt.postprocess import upscale_logits
-from medsam_rt.preprocess import Preprocessing, preprocess_image, resized_shape, to_rgb_uint8
+from medsam_rt.core.postprocess import upscale_logits
+from medsam_rt.core.preprocess import Preprocessing, preprocess_image, resized_shape, to_rgb_uint8
 from medsam_rt_export.checkpoints import MEDSAM_ORIGINAL_PREPROCESSING
+from medsam_rt_export.hf import preprocessing_from_processor
 from medsam_rt_export.lite import LITE_PREPROCESSING
-from medsam_rt_export.sources import preprocessing_from_processor
 
 #: The three recipes the exporter writes (README "The model directory"), as it declares them.
 RECIPES = {
@@ -247,7 +247,7 @@ def test_malformed_boxes_are_typed_errors(tiny, box_embedding, boxes):
 
 def test_integer_box_beyond_float_range():
     with pytest.raises(InvalidBoxError):
-        from medsam_rt.preprocess import validate_boxes
+        from medsam_rt.core.preprocess import validate_boxes
 
         validate_boxes([0, 0, 10**400, 5], BOX_IMAGE)
 
@@ -260,7 +260,7 @@ WORKER = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     import numpy as np
     from medsam_rt.errors import MedSAMError
-    from medsam_rt.preprocess import to_rgb_uint8
+    from medsam_rt.core.preprocess import to_rgb_uint8
     from READER_MODULE import READER_NAME as read
 
     def image(path):  # what embed() does with a path
@@ -269,7 +269,7 @@ WORKER = textwrap.dedent(
         return isinstance(arr, np.ndarray) and rgb.shape[:2] == arr.shape[:2]
 
     def scan(path):  # what 'medsam-rt segment' does with a DICOM/NIfTI file: read, window, intake
-        from medsam_rt.formats import display_range, to_display
+        from medsam_rt.io.formats import display_range, to_display
         s = read(path)
         v = s.values
         if not (isinstance(v, np.ndarray) and v.ndim in (3, 4) and v.shape[0] >= 1):
@@ -413,8 +413,8 @@ def mutants(seeds: list[Path], folder: Path, count: int, seed: int = 0) -> list[
     return out
 
 
-IMAGE_READER = "medsam_rt.io:read_image"
-SCAN_READER = "medsam_rt.formats:read_scan"
+IMAGE_READER = "medsam_rt.core.images:read_image"
+SCAN_READER = "medsam_rt.io.formats:read_scan"
 
 
 def fuzz_files(paths: list[Path], reader: str = IMAGE_READER, timeout: float = 600) -> dict:
@@ -504,7 +504,7 @@ def _tiff_with_rows(rows: int) -> bytes:
 def test_tiff_header_claiming_rows_its_data_lacks(tmp_path):
     """Found by the long fuzz: one flipped bit in a 10 KB TIFF's ImageLength (61 -> 1048637) made read_image
     return a 1048637x83 mostly-zero image and to_rgb_uint8 peak at 2.2 GB."""
-    from medsam_rt.io import read_image
+    from medsam_rt.core.images import read_image
 
     (tmp_path / "lying.tif").write_bytes(_tiff_with_rows(1048637))
     with pytest.raises(InvalidImageError):
@@ -513,7 +513,7 @@ def test_tiff_header_claiming_rows_its_data_lacks(tmp_path):
 
 def test_dicom_with_a_malformed_number(tmp_path, medical_seeds):
     """Found by the long fuzz: a DS (decimal string) value that is not a number, here RescaleSlope."""
-    from medsam_rt.formats import read_scan
+    from medsam_rt.io.formats import read_scan
 
     data = bytearray(next(p for p in medical_seeds if p.name == "CT_small.dcm").read_bytes())
     at = data.find(b"\x28\x00\x53\x10DS\x02\x00")  # (0028,1053) RescaleSlope, DS, 2 bytes: "1 "
@@ -531,7 +531,7 @@ def test_fuzz_image_files_long(tmp_path, soak):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def medical_seeds():
-    pytest.importorskip("medsam_rt.formats")
+    pytest.importorskip("medsam_rt.io.formats")
     seeds = scan_seeds()
     if not seeds:
         pytest.skip("pydicom / nibabel not installed")
@@ -558,7 +558,7 @@ def test_scan_seeds_are_read(medical_seeds):
 
 
 def test_colour_dicom_displays_with_the_default_window(medical_seeds):
-    from medsam_rt.formats import display_range, read_scan
+    from medsam_rt.io.formats import display_range, read_scan
 
     colour = [p for p in medical_seeds if p.name.startswith("SC_")]
     assert colour

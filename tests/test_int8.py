@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -26,10 +25,10 @@ from conftest import manifest_of
 from onnx import TensorProto, helper, numpy_helper
 
 from medsam_rt import MedSAM, PrecisionCheckError
-from medsam_rt import checks as checks_mod
-from medsam_rt.cpu import cpu_class, cpu_info, int8_probe, probe_model_bytes
-from medsam_rt.records import put_record, read_records
-from medsam_rt.util import sha256_file
+from medsam_rt.core import checks as checks_mod
+from medsam_rt.core.cpu import cpu_class, cpu_info, int8_probe, probe_model_bytes
+from medsam_rt.core.records import read_records
+from medsam_rt.core.util import sha256_file
 
 EXACT_S8 = [255 * 127 * 256, -255 * 128 * 256]
 SATURATED_S8 = [128 * 32767, -128 * 32768]
@@ -148,7 +147,7 @@ _QEMU_SCRIPT = """
 import sys, pickle
 sys.path.insert(0, {tests!r})
 from test_int8 import _run_nodes
-from medsam_rt.cpu import int8_probe
+from medsam_rt.core.cpu import int8_probe
 nodes = pickle.load(open({nodes!r}, "rb"))
 print(pickle.dumps((int8_probe(), _run_nodes(nodes))).hex())
 """
@@ -234,18 +233,19 @@ def test_damaged_int8_is_refused_and_auto_falls_back_once(lite_dir, tmp_path, ch
     assert info.value.precision == "int8" and info.value.metric in ("mask Dice vs fp32", "IoU-score diff vs fp32")
 
 
-def _put(args):
-    path, i = args
-    put_record(Path(path), f"key{i}", {"i": i})
-
-
 def test_records_survive_concurrent_writers(tmp_path):
+    """Four writer processes, 50 keys each, interleaved: every key lands. Fresh interpreters, not ``fork``: a
+    forked copy of this multi-threaded test process can inherit a lock another thread held and hang."""
     path = tmp_path / "records.json"
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        pool.map(_put, [(str(path), i) for i in range(40)])
+    code = (
+        "import sys; from pathlib import Path; from medsam_rt.core.records import put_record\n"
+        "for i in range(int(sys.argv[2]), 200, 4): put_record(Path(sys.argv[1]), f'key{i}', {'i': i})"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path), str(k)]) for k in range(4)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0, 0]
     records = read_records(path)
-    assert sorted(records) == sorted(f"key{i}" for i in range(40))
-    assert all(records[f"key{i}"] == {"i": i} for i in range(40))
+    assert sorted(records) == sorted(f"key{i}" for i in range(200))
+    assert all(records[f"key{i}"] == {"i": i} for i in range(200))
 
 
 # -- degrade, don't die ------------------------------------------------------------------------------------------------
@@ -284,8 +284,8 @@ def test_default_export_leaves_a_failing_variant_out(tmp_path, broken_int8):
     assert all(s["seconds"] >= 0 and s["peak_rss_mib"] > 0 for s in m["export_steps"])
     model = MedSAM.load(out)  # auto: the variant that is there
     assert model.precision == "fp32"
-    from medsam_rt.info import describe
-    from medsam_rt.manifest import load_manifest
+    from medsam_rt.core.manifest import load_manifest
+    from medsam_rt.tools.info import describe
 
     assert "int8  LEFT OUT: int8 gate failed" in describe(load_manifest(out))
 
@@ -300,7 +300,7 @@ def test_explicit_precision_must_pass(tmp_path, broken_int8):
 
 
 def test_cli_default_export_warns_in_one_line(tmp_path, broken_int8, monkeypatch, capsys):
-    from medsam_rt import cli
+    from medsam_rt.tools import cli
     from medsam_rt_export import pipeline
 
     monkeypatch.setattr(pipeline, "DEFAULT_PRECISIONS", ("fp32", "int8"))

@@ -1,5 +1,7 @@
-"""The architecture's rules, read from the source (docs/architecture.md): no import cycles in the runtime or the
-exporter, no module reaching for another's private names, and the export's model families in one table."""
+"""The architecture's rules, read from the source (docs/architecture.md): the layers import only downward (runtime
+core <- medical I/O and outputs <- CLI and tools; the exporter on the core's contract), no import cycles in the
+runtime or the exporter, no module reaching for another's private names, and the export's model families in one
+table."""
 
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def _imports(package: str, module: str, path: Path, *, lazy: bool) -> list[tuple
                 if child.level:
                     parts = base[: len(base) - child.level + 1] if child.level > 1 else base
                     target = ".".join([*parts, *(child.module.split(".") if child.module else [])])
+                elif child.module == package:  # from medsam_rt import X
+                    target = ""
                 elif child.module and child.module.startswith(package + "."):
                     target = child.module[len(package) + 1 :]
                 else:
@@ -46,6 +50,54 @@ def _imports(package: str, module: str, path: Path, *, lazy: bool) -> list[tuple
 
     visit(ast.parse(path.read_text()), True)
     return found
+
+
+# What each layer of medsam_rt may import from medsam_rt and medsam_rt_export (module-level or inside functions)
+LAYERS = {
+    "errors": (),
+    "core": ("errors", "core"),
+    "io": ("errors", "core", "io"),
+    "tools": ("errors", "core", "io", "tools", "__init__", "medsam_rt_export"),
+    "__init__": ("errors", "core"),
+}
+# the exporter builds on the runtime's contract and the validation images of its gates, nothing else
+EXPORT_MAY_IMPORT = ("errors", "core", "tools.samples")
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[0] if module else "__init__"
+
+
+def test_every_runtime_module_is_in_a_layer():
+    """A newcomer finds every module under core/, io/ or tools/ (plus the package's ``__init__`` and ``errors``)."""
+    strays = [m for m in _modules("medsam_rt") if _layer(m) not in LAYERS]
+    assert not strays, strays
+
+
+def test_layers_import_only_downward():
+    offenders = []
+    modules = _modules("medsam_rt")
+    for m, path in modules.items():
+        allowed = LAYERS[_layer(m)]
+        for target, names in _imports("medsam_rt", m, path, lazy=True):
+            # `from medsam_rt import x`: the submodule x, or a name of the package's __init__
+            layers = {_layer(target)} if target else {_layer(n) if n in modules else "__init__" for n in names}
+            if layers - set(allowed):
+                offenders.append(f"medsam_rt.{m} imports from medsam_rt.{target or '__init__'}: {', '.join(names)}")
+        if "medsam_rt_export" not in allowed and "medsam_rt_export" in path.read_text():
+            tree = ast.parse(path.read_text())
+            if any(
+                isinstance(n, ast.ImportFrom) and (n.module or "").startswith("medsam_rt_export")
+                for n in ast.walk(tree)
+            ):
+                offenders.append(f"medsam_rt.{m} imports the exporter")
+    for m, path in _modules("medsam_rt_export").items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("medsam_rt."):
+                target = node.module[len("medsam_rt.") :]
+                if not any(target == a or target.startswith(a + ".") for a in EXPORT_MAY_IMPORT):
+                    offenders.append(f"medsam_rt_export.{m} imports {node.module}")
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("package", list(PACKAGES))

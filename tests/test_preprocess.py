@@ -10,9 +10,8 @@ import transformers
 from conftest import CUSTOM_PROCESSOR, pil_image_processor, rng_image, seed_processor
 from PIL import Image
 
-from medsam_rt.errors import InvalidBoxError, InvalidImageError
-from medsam_rt.postprocess import upscale_logits
-from medsam_rt.preprocess import (
+from medsam_rt.core.postprocess import upscale_logits
+from medsam_rt.core.preprocess import (
     Preprocessing,
     preprocess_image,
     resized_shape,
@@ -20,10 +19,11 @@ from medsam_rt.preprocess import (
     to_rgb_uint8,
     validate_boxes,
 )
-from medsam_rt.resample import bilinear_matrix
+from medsam_rt.core.resample import bilinear_matrix
+from medsam_rt.errors import InvalidBoxError, InvalidImageError
 from medsam_rt_export.checkpoints import MEDSAM_ORIGINAL_PREPROCESSING
+from medsam_rt_export.hf import preprocessing_from_processor
 from medsam_rt_export.lite import LITE_PREPROCESSING
-from medsam_rt_export.sources import preprocessing_from_processor
 
 CONFIGS = {"default": {}, "custom": CUSTOM_PROCESSOR}
 
@@ -171,7 +171,7 @@ def test_upscale_matches_post_process_masks(config, original):
 
 
 def test_phantom_ground_truth_and_dice():
-    from medsam_rt.samples import dice, ellipse_phantom
+    from medsam_rt.tools.samples import dice, ellipse_phantom
 
     ph = ellipse_phantom(300, 700, seed=2, dtype=np.uint16)
     mask, box = ph.truth[0], ph.boxes[0]
@@ -194,7 +194,7 @@ ORIGINAL = Preprocessing.from_dict(MEDSAM_ORIGINAL_PREPROCESSING)
 )
 def test_area_resize_matches_opencv(shape):
     cv2 = pytest.importorskip("cv2")
-    from medsam_rt.preprocess import resize_uint8
+    from medsam_rt.core.preprocess import resize_uint8
 
     rgb = to_rgb_uint8(
         rng_image((*shape, 3), seed=shape[1]) ^ np.random.default_rng(0).integers(0, 40, (*shape, 3)).astype(np.uint8)
@@ -255,7 +255,7 @@ def test_square_bicubic_is_close_to_medsam_skimage_resize():
     """MedSAM's original script resizes with skimage (order 3, anti-aliasing); medsam-rt uses Pillow's bicubic
     (the runtime has no scipy); this bounds the difference."""
     transform = pytest.importorskip("skimage.transform")
-    from medsam_rt.preprocess import resize_uint8
+    from medsam_rt.core.preprocess import resize_uint8
 
     for shape in [(512, 512), (300, 700), (1400, 1100)]:
         rgb = to_rgb_uint8(rng_image((*shape, 3), seed=1))

@@ -20,10 +20,10 @@ import pytest
 from conftest import cli_command, rng_image
 
 from medsam_rt import EmbeddingMismatchError, MedSAM, ModelDirError, ProviderUnavailableError
-from medsam_rt import manifest as manifest_mod
-from medsam_rt.cache import CacheStats, EmbeddingCache, default_max_bytes, image_digest
-from medsam_rt.manifest import MANIFEST_NAME, sha256_file
-from medsam_rt.providers import NodePlacement, PlacedNode, node_placement
+from medsam_rt.core import manifest as manifest_mod
+from medsam_rt.core.cache import CacheStats, EmbeddingCache, default_max_bytes, image_digest
+from medsam_rt.core.manifest import MANIFEST_NAME, sha256_file
+from medsam_rt.core.providers import NodePlacement, PlacedNode, node_placement
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def _run_threads(n: int, work) -> list:
 
 def test_one_model_shared_by_8_threads_matches_serial(lite_dir):
     """8 threads mix embed and segment on different images through one MedSAM: every result bit-identical."""
-    from medsam_rt.samples import validation_set
+    from medsam_rt.tools.samples import validation_set
 
     samples = validation_set()
     model = MedSAM.load(lite_dir, precision="fp32", cache=False)
@@ -99,7 +99,7 @@ def test_one_model_shared_by_8_threads_matches_serial(lite_dir):
 
 
 def test_threads_share_the_cache_and_encode_each_image_once(lite_dir):
-    from medsam_rt.samples import validation_set
+    from medsam_rt.tools.samples import validation_set
 
     samples = validation_set()[:4]
     cache = EmbeddingCache()
@@ -537,7 +537,7 @@ def test_interrupted_export_cleans_up_and_keeps_the_old_model(tmp_path, tiny_dir
 def test_failed_output_write_leaves_the_old_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from medsam_rt.io import save_png
+    from medsam_rt.core.images import save_png
 
     target = tmp_path / "labels.png"
     save_png(target, np.full((4, 4), 7, np.uint8))

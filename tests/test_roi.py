@@ -1,4 +1,5 @@
-"""--roi (medsam_rt.roi): windows around boxes, masks back in original coordinates, small objects at their scale."""
+"""--roi (medsam_rt.core.roi): windows around boxes, masks back in original coordinates, small objects at their
+scale."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from medsam_rt import MedSAM, Segmentation
+from medsam_rt.core.roi import plan_windows, segment_roi
 from medsam_rt.errors import InvalidBoxError
-from medsam_rt.roi import plan_windows, segment_roi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from phantoms import crop_dice, make_phantom  # noqa: E402
@@ -103,8 +104,8 @@ def test_small_objects_segmented_at_their_scale(lite_dir):
 def test_cli_roi_writes_the_windowed_masks(tiny_dir, tmp_path):
     from PIL import Image
 
-    from medsam_rt.cli import main
-    from medsam_rt.results import read_npz
+    from medsam_rt.io.results import read_npz
+    from medsam_rt.tools.cli import main
 
     image = np.random.default_rng(2).integers(0, 256, (700, 1100), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")

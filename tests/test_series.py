@@ -1,4 +1,4 @@
-"""DICOM series (medsam_rt.series): a series written with pydicom from a NIfTI volume reads back as that volume
+"""DICOM series (medsam_rt.io.series): a series written with pydicom from a NIfTI volume reads back as that volume
 with its geometry (shuffled file names, rescale); two series, a missing slice, a duplicate, mixed orientations and
 mixed sizes are errors naming the files; an enhanced multi-frame file keeps working; `segment --box3d` on the
 series writes labels where the NIfTI source's would be."""
@@ -16,9 +16,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medsam_rt.cli import main
-from medsam_rt.formats import read_scan
-from medsam_rt.series import SeriesError, list_series, read_series
+from medsam_rt.io.formats import read_scan
+from medsam_rt.io.series import SeriesError, list_series, read_series
+from medsam_rt.tools.cli import main
 
 #: An oblique affine (RAS): 0.8 x 0.7 mm pixels, 2.5 mm slices, rotated about two axes.
 _c, _s = np.cos(0.3), np.sin(0.3)

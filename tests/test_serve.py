@@ -26,8 +26,8 @@ pytest.importorskip("multipart")
 from PIL import Image  # noqa: E402
 
 from medsam_rt import MedSAM  # noqa: E402
-from medsam_rt.formats import display_range, parse_window, read_scan, to_display  # noqa: E402
-from medsam_rt.serve.launch import Client, ServerProcess, multipart  # noqa: E402
+from medsam_rt.io.formats import display_range, parse_window, read_scan, to_display  # noqa: E402
+from medsam_rt.tools.serve.launch import Client, ServerProcess, multipart  # noqa: E402
 
 
 def _ct() -> Path:

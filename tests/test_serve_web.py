@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from medsam_rt import MedSAM
-from medsam_rt.formats import display_range, parse_window, read_scan, to_display
-from medsam_rt.postprocess import chain
-from medsam_rt.preprocess import Preprocessing, resized_shape
+from medsam_rt.core.postprocess import chain
+from medsam_rt.core.preprocess import Preprocessing, resized_shape
+from medsam_rt.io.formats import display_range, parse_window, read_scan, to_display
 
-STATIC = Path(__file__).resolve().parents[1] / "medsam_rt" / "serve" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "medsam_rt" / "tools" / "serve" / "static"
 CHROMIUM = os.environ.get("MEDSAM_RT_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -37,7 +37,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-# -- upscale.js == medsam_rt.postprocess, bit for bit -------------------------------------------------------------
+# -- upscale.js == medsam_rt.core.postprocess, bit for bit -------------------------------------------------------------
 
 
 def test_upscale_js_equals_library(tmp_path):
@@ -103,7 +103,7 @@ def test_scale_boxes_js_equals_library(tmp_path):
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
-    from medsam_rt.preprocess import scale_boxes
+    from medsam_rt.core.preprocess import scale_boxes
 
     boxes = np.array([[3.0, 7, 100, 77], [0, 0, 517, 300], [12.5, 9.75, 40.25, 299]])
     rows = []
@@ -157,7 +157,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page_server(request, tmp_path_factory):
-    from medsam_rt.serve.launch import ServerProcess
+    from medsam_rt.tools.serve.launch import ServerProcess
 
     local = os.environ.get("MEDSAM_RT_SERVE_LITE_DIR")
     model_dir = Path(local) if local else request.getfixturevalue("lite_dir")
@@ -169,7 +169,7 @@ def page_server(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fallback_server(page_server, tmp_path_factory):
     """A server whose page finds no vendored onnxruntime-web: the page must fall back to /segment."""
-    from medsam_rt.serve.launch import ServerProcess
+    from medsam_rt.tools.serve.launch import ServerProcess
 
     env = {"MEDSAM_RT_SERVE_VENDOR": str(tmp_path_factory.mktemp("no-vendor"))}
     with ServerProcess(
@@ -310,7 +310,7 @@ def test_page_volume_slices_and_nifti_download(browser, fallback_server, tmp_pat
 @pytest.mark.browser
 def test_page_with_token(browser, tiny_dir, tmp_path):
     """With --token the page asks for it (401 shown, token field visible); /#token=... lets it work."""
-    from medsam_rt.serve.launch import ServerProcess
+    from medsam_rt.tools.serve.launch import ServerProcess
 
     with ServerProcess(tiny_dir, "--token", "pagetoken", "--threads", "1", log_dir=tmp_path) as srv:
         page = browser.new_page()

@@ -26,7 +26,7 @@ def test_runtime_runs_without_torch(tiny_dir, tmp_path):
     code = BLOCKER + textwrap.dedent(
         f"""
         import medsam_rt
-        from medsam_rt.cli import main
+        from medsam_rt.tools.cli import main
         model = medsam_rt.MedSAM.load({str(tiny_dir)!r})
         res = model.segment(model.embed({str(tmp_path / "img.png")!r}), [[5, 5, 60, 70], [30, 20, 110, 85]])
         assert res.masks.shape == (2, 90, 120)

@@ -21,10 +21,10 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from medsam_rt import MedSAM
-from medsam_rt.cli import main
 from medsam_rt.errors import ModelDirError
-from medsam_rt.samples import real_samples, two_ellipse_phantom
-from medsam_rt.scale.triton import DECODER, ENCODER, ENSEMBLE, PIPELINE, TritonRepositoryError, write_repository
+from medsam_rt.tools.cli import main
+from medsam_rt.tools.samples import real_samples, two_ellipse_phantom
+from medsam_rt.tools.scale.triton import DECODER, ENCODER, ENSEMBLE, PIPELINE, TritonRepositoryError, write_repository
 
 ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64", "tensor(bool)": "TYPE_BOOL"}
 
@@ -66,8 +66,8 @@ def test_every_config_parses_with_tritons_schema(repo, lite_dir, tmp_path):
     )
     assert "tritonserver --model-repository" in (repo / "README.md").read_text()
 
-    # GPU instances: the CUDA provider options of the chosen medsam_rt.cuda option set
-    from medsam_rt.cuda import OPTION_SETS
+    # GPU instances: the CUDA provider options of the chosen medsam_rt.core.cuda option set
+    from medsam_rt.core.cuda import OPTION_SETS
 
     gpu = tmp_path / "gpu"
     write_repository(lite_dir, gpu, kind="gpu", instances=2, cuda_options="heuristic-conv")

@@ -1,4 +1,4 @@
-"""3-D box prompts (medsam_rt.volume): LiteMedSAM against the CVPR24 reference loop in PyTorch on phantoms with
+"""3-D box prompts (medsam_rt.core.volume): LiteMedSAM against the CVPR24 reference loop in PyTorch on phantoms with
 known truth (anisotropic voxels, several overlapping objects, objects touching the first and last slice), the
 next-box rule against OpenCV, each slice embedded once, uint16 labels, stop-when-empty, and input errors."""
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from medsam_rt import MedSAM
+from medsam_rt.core.preprocess import Preprocessing, resized_shape
+from medsam_rt.core.volume import ellipsoid_phantom, propagated_box, segment_volume, sweeps, validate_boxes3d
 from medsam_rt.errors import InvalidBoxError, InvalidImageError
-from medsam_rt.metrics import nsd
-from medsam_rt.preprocess import Preprocessing, resized_shape
-from medsam_rt.volume import ellipsoid_phantom, propagated_box, segment_volume, sweeps, validate_boxes3d
+from medsam_rt.io.metrics import nsd
 
 # (z, y, x) centres in voxels, (z, y, x) semi-axes in mm; voxels 2.5 x 0.8 x 0.8 mm: objects 1 and 2 overlap,
 # object 1 touches slice 0, object 3 the last slice
@@ -182,7 +182,7 @@ def test_uint16_labels_above_255_objects():
 @pytest.mark.parametrize("value", [1, 2, 7])
 def test_next_box_matches_the_reference_rule(shape, value):
     pytest.importorskip("cv2")
-    from medsam_rt.preprocess import Preprocessing
+    from medsam_rt.core.preprocess import Preprocessing
     from medsam_rt_export.lite_volume import box_from_previous
 
     lite = Preprocessing("longest_side", 256, "area", "minmax", (256, 256), "crop_resize", box_scale="longest_side")

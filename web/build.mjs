@@ -6,7 +6,7 @@ import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = join(here, "node_modules", "onnxruntime-web", "dist");
-const out = join(here, "..", "medsam_rt", "serve", "static", "vendor");
+const out = join(here, "..", "medsam_rt", "tools", "serve", "static", "vendor");
 const files = ["ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"];
 const version = JSON.parse(readFileSync(join(here, "node_modules", "onnxruntime-web", "package.json"))).version;
 

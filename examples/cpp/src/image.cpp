@@ -22,7 +22,7 @@
 namespace medsam {
 namespace {
 
-constexpr double kMaxPixels = 400e6;  // as medsam_rt.io (Pillow's decompression-bomb bound)
+constexpr double kMaxPixels = 400e6;  // as medsam_rt.core.images (Pillow's decompression-bomb bound)
 constexpr unsigned char kSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
@@ -53,7 +53,7 @@ RgbImage read_png(const std::string& path) {
   std::vector<std::uint8_t> gray;
   const std::uint8_t* p = nullptr;
   std::unique_ptr<void, void (*)(void*)> decoded(nullptr, stbi_image_free);
-  if (sixteen) {  // min-max to 8 bits: rint((v - lo) * 255 / (hi - lo)), as medsam_rt.preprocess._minmax_uint8
+  if (sixteen) {  // min-max to 8 bits: rint((v - lo) * 255 / (hi - lo)), as medsam_rt.core.preprocess._minmax_uint8
     decoded.reset(stbi_load_16_from_memory(bytes, len, &w, &h, &channels, 1));
     if (!decoded) fail(path, stbi_failure_reason());
     const auto* v = static_cast<const std::uint16_t*>(decoded.get());

@@ -9,7 +9,7 @@
 
 namespace medsam {
 
-// Read a PNG as (H, W, 3) uint8, the way medsam_rt.io.read_image + medsam_rt.preprocess.to_rgb_uint8 bring images
+// Read a PNG as (H, W, 3) uint8, the way medsam_rt.core.images.read_image + medsam_rt.core.preprocess.to_rgb_uint8 bring images
 // to 8 bits: 8-bit gray or RGB as is; 16-bit gray min-max scaled to 0..255 and rounded (a constant image becomes
 // zeros); gray repeated to three channels. Alpha channels and 16-bit colour are refused (flatten them first).
 // Throws std::runtime_error naming the file and the problem.

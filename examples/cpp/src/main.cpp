@@ -191,7 +191,7 @@ ModelDir load_model_dir(const std::string& dir, const std::string& requested, bo
   md.preprocessing = at(m, "preprocessing", path);
   md.recipe = medsam::parse_recipe(md.preprocessing);
 
-  // precisions with both graphs and a passed gate, as medsam_rt.manifest.Manifest.precisions
+  // precisions with both graphs and a passed gate, as medsam_rt.core.manifest.Manifest.precisions
   const json& graphs = at(m, "graphs", path);
   const json& encoders = at(graphs, "encoder", path);
   const json& decoders = at(graphs, "decoder", path);
@@ -269,7 +269,7 @@ std::string metadata(Ort::Session& session, const char* key) {
   return v ? std::string(v.get()) : std::string();
 }
 
-// The graph's metadata_props must agree with the manifest (as medsam_rt.manifest.check_graph_metadata), and its
+// The graph's metadata_props must agree with the manifest (as medsam_rt.core.manifest.check_graph_metadata), and its
 // inputs/outputs must be the contract's.
 void check_graph(Ort::Session& s, const ModelDir& md, const Graph& g, const std::vector<std::string>& inputs,
                  const std::vector<std::string>& outputs) {

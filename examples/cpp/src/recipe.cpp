@@ -256,7 +256,7 @@ std::vector<std::uint8_t> pil_resize(const RgbImage& image, Size out, const Filt
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// OpenCV INTER_AREA as medsam_rt/resample.py computes it: one sparse (out, in) matrix per axis, float64.
+// OpenCV INTER_AREA as medsam_rt/core/resample.py computes it: one sparse (out, in) matrix per axis, float64.
 struct Sparse {
   std::vector<std::vector<std::pair<int, double>>> rows;  // per output position: (input position, weight)
   void add(int d, int s, double w) {

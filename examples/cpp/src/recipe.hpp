@@ -1,5 +1,5 @@
-// The preprocessing vocabulary of a medsam-rt manifest ("preprocessing"), mirrored from medsam_rt/preprocess.py,
-// medsam_rt/resample.py and medsam_rt/postprocess.py. No ONNX Runtime here: plain arithmetic on vectors.
+// The preprocessing vocabulary of a medsam-rt manifest ("preprocessing"), mirrored from medsam_rt/core/preprocess.py,
+// medsam_rt/core/resample.py and medsam_rt/core/postprocess.py. No ONNX Runtime here: plain arithmetic on vectors.
 #pragma once
 
 #include <cstdint>
@@ -60,7 +60,7 @@ std::vector<float> scale_boxes(const std::vector<double>& boxes, Size original, 
 struct AxisWeights {
   std::vector<int> start;     // per output position: offset into index/weight
   std::vector<int> index;     // low-res position
-  std::vector<float> weight;  // float32, as medsam_rt/postprocess.py applies them
+  std::vector<float> weight;  // float32, as medsam_rt/core/postprocess.py applies them
 };
 AxisWeights axis_weights(const std::string& mode, int low_res, int padded, int resized, int original);
 
