@@ -73,25 +73,29 @@ def lite_fp32_dir(request, tmp_path_factory) -> Path:
 
 
 def _debian_mirror_reachable() -> bool:
-    """Whether the first Debian mirror of this machine's apt sources answers (what build.sh would fetch from)."""
+    """Whether a Debian archive of this machine's apt sources answers: the URIs build.sh would fetch from (``deb``
+    lines and deb822 ``URIs:`` fields ending in ``/debian``; comments, such as a snapshot URL above them, are not
+    sources)."""
     import socket
     import urllib.parse
 
-    for source in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+    mirrors = []
+    for source in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
         try:
-            text = source.read_text()
+            lines = source.read_text().splitlines()
         except OSError:
             continue
-        for word in text.split():
-            url = urllib.parse.urlparse(word)
-            if url.scheme in ("http", "https") and url.hostname:
-                try:
-                    socket.create_connection(
-                        (url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5
-                    ).close()
-                    return True
-                except OSError:
-                    return False
+        for line in lines:
+            words = line.split("#", 1)[0].split()
+            if words and words[0].lower() in ("deb", "uris:"):
+                mirrors += [w for w in words[1:] if "://" in w and w.rstrip("/").endswith("/debian")]
+    for mirror in mirrors:
+        url = urllib.parse.urlparse(mirror)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5).close()
+            return True
+        except OSError:
+            continue
     return False
 
 
