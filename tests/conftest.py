@@ -154,6 +154,27 @@ def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs):
     return subprocess.run(cli_command(*args), capture_output=True, text=True, env=environment, **kwargs)
 
 
+#: Runs the CLI and reports its own peak RSS: VmHWM, not ru_maxrss, which carries the (v)forking parent's peak over
+#: exec (a test after the full-size ViT-B tests read 2.2 GiB for a 0.95 GiB child).
+_CLI_PEAK_CHILD = (
+    "import sys; from medsam_rt.tools.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+    "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)"
+)
+
+
+def run_cli_peak(*args: str) -> tuple[int, float, str]:
+    """Run the CLI in a child process: its exit code, its own peak RSS (bytes) and its stderr (without the
+    VmHWM line)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CLI_PEAK_CHILD, *args], capture_output=True, text=True)
+    lines = r.stderr.splitlines(keepends=True)
+    peak = next((int(line.split()[1]) * 1024.0 for line in lines if line.startswith("VmHWM")), float("nan"))
+    return r.returncode, peak, "".join(line for line in lines if not line.startswith("VmHWM"))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With ``MEDSAM_RT_NO_SKIPS=1`` (CI's tiers that exist to run them: browser, Ray), a skipped test fails: a

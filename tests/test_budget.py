@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli_peak
 from PIL import Image
 
 from medsam_rt.core import preprocess
@@ -199,22 +200,6 @@ def test_image_header_reads_no_pixels(tmp_path):
     assert image_header(tmp_path / "c.png") is None
 
 
-#: Runs the CLI and reports its own peak RSS (VmHWM: ru_maxrss would carry the forking parent's over exec).
-CLI_CHILD = (
-    "import sys; from medsam_rt.tools.cli import main; rc = main(sys.argv[1:]); "
-    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-    "print('VmHWM', hwm, file=sys.stderr); sys.exit(rc)"
-)
-
-
-def _cli(args: list[str], tmp_path: Path) -> tuple[int, float, str]:
-    """Run ``medsam-rt`` in a child process; exit code, its own peak RSS (bytes), stderr (without the VmHWM line)."""
-    r = subprocess.run([sys.executable, "-c", CLI_CHILD, *args], capture_output=True, text=True)
-    lines = r.stderr.splitlines(keepends=True)
-    peak = next(int(line.split()[1]) * 1024.0 for line in lines if line.startswith("VmHWM"))
-    return r.returncode, peak, "".join(line for line in lines if not line.startswith("VmHWM"))
-
-
 def _slide(tmp_path: Path, size: int, n: int, seed: int = 0) -> tuple[Path, Path, np.ndarray]:
     """A noisy ``size``-square gray PNG with ``n`` bright discs, and their boxes as a --boxes file."""
     rng = np.random.default_rng(seed)
@@ -244,7 +229,7 @@ def test_estimate_within_25_percent_of_measured_peak(lite_dir, tmp_path, size, n
     args = build_parser().parse_args(argv)
     scan = read_scan(image)
     estimate = check_cli_segment(args, scan, _plan_slices(args, scan))
-    rc, peak, err = _cli(argv, tmp_path)
+    rc, peak, err = run_cli_peak(*argv)
     assert rc == 0, err
     ratio = estimate.peak / peak
     print(json.dumps({"size": size, "boxes": n, "out": out, "estimate_mib": estimate.peak >> 20,
@@ -256,19 +241,19 @@ def test_request_over_budget_is_refused_before_the_slow_work(lite_dir, tmp_path)
     image, box_file, _ = _slide(tmp_path, 3000, 30)
     argv = ["segment", str(lite_dir), str(image), "--boxes", str(box_file), "--out", str(tmp_path / "m.png")]
     t = time.perf_counter()
-    rc, peak, err = _cli([*argv, "--max-memory", "300M"], tmp_path)
+    rc, peak, err = run_cli_peak(*argv, "--max-memory", "300M")
     took = time.perf_counter() - t
     assert rc == 2 and err.count("\n") == 1 and err.startswith("medsam-rt: error: this request needs about ")
     assert "over the 300 MiB budget (--max-memory)" in err and "try " in err and "Traceback" not in err
     assert not (tmp_path / "m.png").exists() and peak < 200 << 20  # neither the image decoded nor the model loaded
     assert took < 30, took
-    rc, _, err = _cli([*argv, "--max-memory", "lots"], tmp_path)
+    rc, _, err = run_cli_peak(*argv, "--max-memory", "lots")
     assert rc == 2 and "memory size 'lots' is not a size" in err
     # after decoding: the boxes make it too large (the header alone fits)
     many = "".join(f"{x},{y},{x + 900},{y + 900}\n" for x in range(0, 2000, 100) for y in range(0, 2000, 100))
     (tmp_path / "many.csv").write_text(many)
     argv[4] = str(tmp_path / "many.csv")
-    rc, peak, err = _cli([*argv, "--max-memory", "700M", "--out", str(tmp_path / "m.npz")], tmp_path)
+    rc, peak, err = run_cli_peak(*argv, "--max-memory", "700M", "--out", str(tmp_path / "m.npz"))
     assert rc == 2 and "(decode:" in err or "(write:" in err, err
     assert "masks" in err and "fewer boxes per run" in err
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_peak
 from PIL import Image
 
 from medsam_rt import MedSAM
@@ -385,16 +383,11 @@ def test_large_image_within_bounded_memory(tiny_dir, tmp_path):
     Image.fromarray((((x - 5000) ** 2 + (y - 5000) ** 2 < 2000**2) * 150 + 50).astype(np.uint8)).save(
         tmp_path / "big.png"
     )
-    code = (
-        "import resource, sys; from medsam_rt.tools.cli import main; "
-        f"rc = main(['segment', '{tiny_dir}', '{tmp_path / 'big.png'}', '--box', '2800,2800,7200,7200', "
-        "'--box', '100,100,3000,3000', '--box', '10,10,9000,9000', '--box', '5000,5000,9990,9990', "
-        f"'--out', '{tmp_path / 'm.png'}', '--quiet']); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    peak_gib = int(r.stdout.split()[-1]) / 2**20
+    boxes = ["2800,2800,7200,7200", "100,100,3000,3000", "10,10,9000,9000", "5000,5000,9990,9990"]
+    argv = ["segment", str(tiny_dir), str(tmp_path / "big.png"), *(a for b in boxes for a in ("--box", b))]
+    rc, peak, err = run_cli_peak(*argv, "--out", str(tmp_path / "m.png"), "--quiet")
+    assert rc == 0, err
+    peak_gib = peak / 2**30
     # the image (100 MB), its RGB copy (300 MB), 4 mask crops (the random model's masks cover nearly the whole
     # image: 400 MB), the label image (100 MB) with row-block temporaries, the sessions: 1.3 GB measured (2.05 GB
     # with dense masks and whole-image float planes; ~4 GB for 2 boxes before chunked masks)
