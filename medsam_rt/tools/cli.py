@@ -59,15 +59,19 @@ EXAMPLES_INFO = """examples:
 """
 
 
-def _parse_box(text: str) -> list[float]:
-    parts = text.replace(" ", "").split(",")
+def _parse_numbers(text: str, what: str, count: str, fields: str) -> list[float]:
+    """``--box``/``--box3d`` values: comma-separated numbers, one per name in ``fields``."""
     try:
-        values = [float(v) for v in parts]
+        values = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"box {text!r} is not four numbers X0,Y0,X1,Y1") from None
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"box {text!r} has {len(values)} numbers; expected X0,Y0,X1,Y1")
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not {count} numbers {fields}") from None
+    if len(values) != len(fields.split(",")):
+        raise argparse.ArgumentTypeError(f"{what} {text!r} has {len(values)} numbers; expected {fields}")
     return values
+
+
+def _parse_box(text: str) -> list[float]:
+    return _parse_numbers(text, "box", "four", "X0,Y0,X1,Y1")
 
 
 def _parse_slices(text: str) -> tuple[int, int | None]:
@@ -388,14 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_box3d(text: str) -> list[float]:
-    parts = text.replace(" ", "").split(",")
-    try:
-        values = [float(v) for v in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"3-D box {text!r} is not six numbers X0,Y0,Z0,X1,Y1,Z1") from None
-    if len(values) != 6:
-        raise argparse.ArgumentTypeError(f"3-D box {text!r} has {len(values)} numbers; expected X0,Y0,Z0,X1,Y1,Z1")
-    return values
+    return _parse_numbers(text, "3-D box", "six", "X0,Y0,Z0,X1,Y1,Z1")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

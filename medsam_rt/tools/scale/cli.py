@@ -35,6 +35,7 @@ def add_parsers(sub) -> None:
     from medsam_rt.core.manifest import PRECISIONS
     from medsam_rt.core.providers import DEVICES
     from medsam_rt.tools.scale.batch import ENGINES
+    from medsam_rt.tools.scale.triton import KINDS
 
     formatter = argparse.RawDescriptionHelpFormatter
     bt = sub.add_parser(
@@ -79,7 +80,7 @@ def add_parsers(sub) -> None:
     tr.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="directory written by 'medsam-rt export'")
     tr.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the repository to write")
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32", help="graph variant (default: %(default)s)")
-    tr.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance group kind (default: %(default)s)")
+    tr.add_argument("--kind", choices=tuple(KINDS), default="cpu", help="instance group kind (default: %(default)s)")
     tr.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
     tr.add_argument(
         "--cuda-options",
