@@ -79,15 +79,13 @@ class ModelCost:
     decoder_per_box: int
 
     @classmethod
-    def of(cls, model_dir: str | os.PathLike[str], precision: str = "auto", device: str = "cpu") -> ModelCost:
-        """The cost of ``model_dir``'s graphs at ``precision`` (resolved as :meth:`medsam_rt.MedSAM.load` does).
+    def of(cls, manifest: Any, precision: str = "auto", device: str = "cpu") -> ModelCost:
+        """The cost of a model directory's graphs (its loaded :class:`~medsam_rt.core.manifest.Manifest`) at
+        ``precision`` (resolved as :meth:`medsam_rt.MedSAM.load` does).
 
         Raises:
-            ModelDirError: not a model directory, or the precision was not exported.
+            ModelDirError: the precision was not exported.
         """
-        from medsam_rt.core.manifest import load_manifest
-
-        manifest = load_manifest(Path(model_dir))
         chosen = manifest.choose_precision(precision, device)
         graph_bytes = sum(manifest.graph(role, chosen).size for role in ("encoder", "decoder"))
         model = manifest.raw.get("model", {})
@@ -186,10 +184,11 @@ def available_bytes() -> int:
     return int(avail)
 
 
-def current_rss() -> int:
-    """This process's resident set size now (bytes; 0 where ``/proc`` is not readable)."""
+def current_rss(pid: int | str = "self") -> int:
+    """The resident set size now of this process (or of process ``pid``), in bytes; 0 where ``/proc`` is not
+    readable."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(f"/proc/{pid}/status") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
@@ -335,7 +334,7 @@ def advice(estimate: MemoryEstimate, output: str) -> str:
     return "; ".join(dict.fromkeys(tips))
 
 
-def check(estimate: MemoryEstimate, budget: int | None = None, *, output: str = ".npz", why: str = "") -> None:
+def check(estimate: MemoryEstimate, budget: int | None = None, *, output: str = ".npz") -> None:
     """Refuse a request whose estimated peak exceeds ``budget`` bytes (default: :func:`default_budget`).
 
     Raises:
@@ -344,7 +343,7 @@ def check(estimate: MemoryEstimate, budget: int | None = None, *, output: str = 
     limit = default_budget() if budget is None else int(budget)
     if estimate.peak <= limit:
         return
-    source = why or ("--max-memory" if budget is not None else f"{DEFAULT_FRACTION:.0%} of the available memory")
+    source = "--max-memory" if budget is not None else f"{DEFAULT_FRACTION:.0%} of the available memory"
     raise MemoryBudgetError(
         f"this request needs about {estimate.describe()}, over the {format_size(limit)} budget ({source}); "
         f"try {advice(estimate, output)}",
@@ -407,11 +406,12 @@ def check_cli_header(args: Any) -> MemoryEstimate | None:
         return None
     shape, dtype = header
     suffix = output_suffix(args.out)
+    manifest = load_manifest(Path(args.model_dir))
     estimate = estimate_segment(
         shape[:2],
         np.zeros((0, 4)),
-        ModelCost.of(args.model_dir, args.precision, resolve_device(args.device)),
-        load_manifest(args.model_dir).preprocessing,
+        ModelCost.of(manifest, args.precision, resolve_device(args.device)),
+        manifest.preprocessing,
         dtype=dtype,
         channels=shape[2] if len(shape) == 3 else 1,
         output=suffix,
@@ -426,20 +426,20 @@ def check_cli_segment(args: Any, scan: Any, plan: dict[int, list[list[float]]]) 
     out, overlay, max_memory) and refuse it above the budget (``--max-memory`` or the default).
 
     Raises:
-        MemoryBudgetError: over the budget. ModelDirError: see :meth:`ModelCost.of`.
+        MemoryBudgetError: over the budget. ModelDirError: not a model directory, or see :meth:`ModelCost.of`.
     """
     from medsam_rt.core.manifest import load_manifest
     from medsam_rt.core.providers import resolve_device
     from medsam_rt.io.results import output_suffix
 
-    model = ModelCost.of(args.model_dir, args.precision, resolve_device(args.device))
+    manifest = load_manifest(Path(args.model_dir))
     suffix = output_suffix(args.out)
     values = scan.values  # (S, H, W) or (S, H, W, C)
     estimate = estimate_segment(
         scan.image_size,
         [np.asarray(plan[k], np.float64) for k in sorted(plan)],
-        model,
-        load_manifest(args.model_dir).preprocessing,
+        ModelCost.of(manifest, args.precision, resolve_device(args.device)),
+        manifest.preprocessing,
         dtype=values.dtype,
         channels=values.shape[3] if values.ndim == 4 else 1,
         slices=values.shape[0],

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from medsam_rt.errors import ServerStartError
+from medsam_rt.tools.budget import current_rss
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,11 +98,10 @@ class ServerProcess:
         return self.proc.pid if self.proc is not None else -1
 
     def rss_bytes(self) -> int:
-        """The server process's resident memory now (Linux /proc)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """The server process's resident memory now (Linux /proc); raises when the server is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise ServerStartError(f"the server (pid {self.pid}) has exited")
+        return current_rss(self.pid)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
