@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medsam_rt.core.resample import apply_separable, area_matrices
+from medsam_rt.core.resample import BLOCK_BYTES, apply_separable, area_matrices
 from medsam_rt.errors import InvalidBoxError, InvalidImageError, ModelDirError
 
 #: Pillow resampling filters by the names the manifest uses.
@@ -176,10 +176,6 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:  # one plane, seen as three channels
         return np.broadcast_to(image[:, :, None], (*image.shape, 3))
     return np.ascontiguousarray(image)
-
-
-#: float64 temporaries of the row-block loops are at most this large (bytes).
-BLOCK_BYTES = 64 << 20
 
 
 def row_blocks(num_rows: int, row_bytes: int, budget: int | None = None) -> list[slice]:

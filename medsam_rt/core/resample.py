@@ -85,9 +85,15 @@ def area_matrices(out_hw: tuple[int, int], in_hw: tuple[int, int]) -> tuple[np.n
     return make(oh, ih), make(ow, iw)
 
 
-def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
-    """``rows @ image[..., c] @ cols.T`` for each channel of an ``(H, W, C)`` (or one ``(H, W)``) image; float64
-    ``(out_h, out_w, C)`` (or ``(out_h, out_w)``) result.
+#: float64 temporaries of the banded products here and of preprocessing's row-block loops are at most this large
+#: (bytes).
+BLOCK_BYTES = 64 << 20
+
+
+def apply_separable(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block_bytes: int = BLOCK_BYTES
+) -> np.ndarray:
+    """``rows @ image @ cols.T`` for one ``(H, W)`` plane (callers loop over channels); float64 ``(out_h, out_w)``.
 
     The smaller product comes first. An image whose float64 plane fits in ``block_bytes`` is multiplied whole (one
     BLAS call per product). A larger one is never converted whole: the first product runs in bands, each a group
@@ -97,11 +103,6 @@ def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, block
     differently than the whole product (the last bit of a float64 value), which uint8 rounding absorbs except at
     exact ties.
     """
-    if image.ndim == 3:
-        out = np.empty((rows.shape[0], cols.shape[0], image.shape[2]))
-        for ch in range(image.shape[2]):
-            out[:, :, ch] = apply_separable(image[:, :, ch], rows, cols, block_bytes)
-        return out
     h, w = image.shape
     rows_first = rows.shape[0] <= cols.shape[0]
     if 8 * h * w <= block_bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsam_rt.core.preprocess import row_blocks
 from medsam_rt.errors import InvalidImageError
 
 #: CT window presets: name -> (level, width) in Hounsfield units.
@@ -24,12 +25,15 @@ def window(values: np.ndarray, level: float, width: float) -> np.ndarray:
     if not width > 0:
         raise InvalidImageError(f"window width must be > 0, got {width}")
     lo = level - width / 2.0
-    if values.ndim == 0 or values.size <= 1 << 23:
-        return np.clip(np.rint((values.astype(np.float64) - lo) * (255.0 / width)), 0, 255).astype(np.uint8)
-    out = np.empty(values.shape, np.uint8)  # large images: float64 work in row blocks of <= 64 MiB
-    step = max(1, (1 << 23) // (values.size // values.shape[0]))
-    for r in range(0, values.shape[0], step):
-        out[r : r + step] = np.clip(np.rint((values[r : r + step].astype(np.float64) - lo) * (255.0 / width)), 0, 255)
+
+    def scaled(v: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint((v.astype(np.float64) - lo) * (255.0 / width)), 0, 255)
+
+    if values.ndim == 0:
+        return scaled(values).astype(np.uint8)
+    out = np.empty(values.shape, np.uint8)  # float64 work in row blocks (preprocess.BLOCK_BYTES)
+    for rows in row_blocks(values.shape[0], 8 * (values.size // max(1, values.shape[0]))):
+        out[rows] = scaled(values[rows])
     return out
 
 
