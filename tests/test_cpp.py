@@ -73,30 +73,19 @@ def lite_fp32_dir(request, tmp_path_factory) -> Path:
 
 
 def _debian_mirror_reachable() -> bool:
-    """Whether a Debian archive of this machine's apt sources answers: the URIs build.sh would fetch from (``deb``
-    lines and deb822 ``URIs:`` fields ending in ``/debian``; comments, such as a snapshot URL above them, are not
-    sources)."""
+    """Whether the Debian archive build.sh would fetch from (``build.sh --mirror``) answers."""
     import socket
     import urllib.parse
 
-    mirrors = []
-    for source in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        try:
-            lines = source.read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            words = line.split("#", 1)[0].split()
-            if words and words[0].lower() in ("deb", "uris:"):
-                mirrors += [w for w in words[1:] if "://" in w and w.rstrip("/").endswith("/debian")]
-    for mirror in mirrors:
-        url = urllib.parse.urlparse(mirror)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5).close()
-            return True
-        except OSError:
-            continue
-    return False
+    mirror = subprocess.run(["bash", str(BUILD_SH), "--mirror"], capture_output=True, text=True).stdout.strip()
+    url = urllib.parse.urlparse(mirror)
+    if not url.hostname:
+        return False
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 5).close()
+    except OSError:
+        return False
+    return True
 
 
 def run_cpp(binary: Path, *args: object) -> subprocess.CompletedProcess[str]:

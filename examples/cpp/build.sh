@@ -16,7 +16,26 @@ set -euo pipefail
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
-[ $# -eq 1 ] || die "usage: examples/cpp/build.sh BUILD_DIR"
+debian_mirror() {  # the first Debian archive URI in the system's apt sources (one-line and deb822 formats)
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -r "$f" ] || continue
+    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }' "$f"
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    awk 'tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i }' "$f"
+  done
+}
+
+# the Debian archive the .debs are fetched from: $DEBIAN_MIRROR, else the first .../debian URI of the apt sources
+fetch_mirror() {
+  echo "${DEBIAN_MIRROR:-$(debian_mirror | grep -E '/debian/?$' | head -n 1 || true)}"
+}
+
+# `build.sh --mirror` prints that archive and exits (tests/test_cpp.py checks it answers before building)
+if [ "${1:-}" = "--mirror" ]; then fetch_mirror; exit 0; fi
+[ $# -eq 1 ] || die "usage: examples/cpp/build.sh BUILD_DIR  (or --mirror)"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 mkdir -p "$1"
@@ -60,18 +79,6 @@ for p in "$capi"/libonnxruntime_providers_*.so; do
 done
 
 # --- the headers, from Debian 13's libonnxruntime-dev ---------------------------------------------------------------
-debian_mirror() {  # the first Debian archive URI in the system's apt sources (one-line and deb822 formats)
-  local f
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [ -r "$f" ] || continue
-    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }' "$f"
-  done
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -r "$f" ] || continue
-    awk 'tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i }' "$f"
-  done
-}
-
 # fetch_deb PKG: sets $deb to the newest cached PKG_*.deb in $cache, downloaded first (Debian trixie) if none
 apt_ready=""
 fetch_deb() {
@@ -87,7 +94,7 @@ fetch_deb() {
       -o "APT::Sandbox::User=$(id -un)")
     if [ -z "$apt_ready" ]; then
       local mirror keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-      mirror="${DEBIAN_MIRROR:-$(debian_mirror | grep -E '/debian/?$' | head -n 1)}"
+      mirror=$(fetch_mirror)
       [ -n "$mirror" ] ||
         die "no Debian mirror in /etc/apt/sources.list{,.d/*}; set DEBIAN_MIRROR=<URI> or the *_INCLUDE_DIR variables"
       [ -r "$keyring" ] || die "$keyring is missing (apt-get install debian-archive-keyring)"
