@@ -68,6 +68,21 @@ def _layer(module: str) -> str:
     return module.split(".")[0] if module else "__init__"
 
 
+def _absolute_imports(path: Path) -> list[str]:
+    """The modules ``path`` imports by absolute name (``import x.y``, ``from x.y import z``), anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append(node.module)
+    return found
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def test_every_runtime_module_is_in_a_layer():
     """A newcomer finds every module under core/, io/ or tools/ (plus the package's ``__init__`` and ``errors``)."""
     strays = [m for m in _modules("medsam_rt") if _layer(m) not in LAYERS]
@@ -84,19 +99,12 @@ def test_layers_import_only_downward():
             layers = {_layer(target)} if target else {_layer(n) if n in modules else "__init__" for n in names}
             if layers - set(allowed):
                 offenders.append(f"medsam_rt.{m} imports from medsam_rt.{target or '__init__'}: {', '.join(names)}")
-        if "medsam_rt_export" not in allowed and "medsam_rt_export" in path.read_text():
-            tree = ast.parse(path.read_text())
-            if any(
-                isinstance(n, ast.ImportFrom) and (n.module or "").startswith("medsam_rt_export")
-                for n in ast.walk(tree)
-            ):
-                offenders.append(f"medsam_rt.{m} imports the exporter")
+        if "medsam_rt_export" not in allowed and any(_within(n, "medsam_rt_export") for n in _absolute_imports(path)):
+            offenders.append(f"medsam_rt.{m} imports the exporter")
     for m, path in _modules("medsam_rt_export").items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("medsam_rt."):
-                target = node.module[len("medsam_rt.") :]
-                if not any(target == a or target.startswith(a + ".") for a in EXPORT_MAY_IMPORT):
-                    offenders.append(f"medsam_rt_export.{m} imports {node.module}")
+        for name in _absolute_imports(path):
+            if _within(name, "medsam_rt") and not any(_within(name, f"medsam_rt.{a}") for a in EXPORT_MAY_IMPORT):
+                offenders.append(f"medsam_rt_export.{m} imports {name}")
     assert not offenders, offenders
 
 
