@@ -99,6 +99,22 @@ def seed_processor(**config):
     return SamProcessor(image_processor=pil_image_processor(**config))
 
 
+def postprocess_recipe(postprocess: str, pad: int, threshold: float = 0.0):
+    """A minimal recipe for ``postprocess`` (square resize for ``resize``, else longest side) padded to ``pad``:
+    what the postprocessing tests (numpy chain, postprocess.onnx, the page's upscale.js) vary."""
+    from medsam_rt.core.preprocess import Preprocessing
+
+    return Preprocessing(
+        resize="square" if postprocess == "resize" else "longest_side",
+        size=pad,
+        interpolation="bilinear",
+        normalize="minmax",
+        pad_size=(pad, pad),
+        postprocess=postprocess,
+        mask_threshold=threshold,
+    )
+
+
 def rng_image(shape, dtype=np.uint8, seed=0) -> np.ndarray:
     """A smooth random image (blobs, not white noise) so masks have structure."""
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import rng_image
+from conftest import postprocess_recipe, rng_image
 
 from medsam_rt import MedSAM, OptionSetError
 from medsam_rt.core import ortvalues, providers, runners
@@ -25,7 +25,6 @@ from medsam_rt.core.cuda import DEFAULT_BUCKETS, OPTION_SETS, OPTIONS_ENV, CudaO
 from medsam_rt.core.embedding import has_host_copy, stored_value
 from medsam_rt.core.ortvalues import copy_into
 from medsam_rt.core.postprocess import upscale_logits
-from medsam_rt.core.preprocess import Preprocessing
 from medsam_rt.core.runners import bucket_plan, pad_rows, session_options
 from medsam_rt.core.targets import TARGETS, resolve_options
 from medsam_rt.errors import EmbeddingMismatchError, ModelDirError
@@ -190,18 +189,6 @@ def post_session():
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _recipe(postprocess: str, pad: int, threshold: float = 0.0) -> Preprocessing:
-    return Preprocessing(
-        resize="square" if postprocess == "resize" else "longest_side",
-        size=pad,
-        interpolation="bilinear",
-        normalize="minmax",
-        pad_size=(pad, pad),
-        postprocess=postprocess,
-        mask_threshold=threshold,
-    )
-
-
 @pytest.mark.parametrize(
     "mode, pad, resized, original",
     [
@@ -220,7 +207,7 @@ def test_postprocess_graph_equals_numpy(post_session, mode, pad, resized, origin
     1e-4 of the threshold may differ; none other may."""
     from medsam_rt.core.postprocess import axis_matrix
 
-    p = _recipe(mode, pad, threshold)
+    p = postprocess_recipe(mode, pad, threshold)
     logits = np.random.default_rng(5).standard_normal((6, 1, 256, 256)).astype(np.float32) * 4
     rows = axis_matrix(mode, 256, pad, resized[0], original[0])
     cols = axis_matrix(mode, 256, pad, resized[1], original[1])
@@ -313,7 +300,7 @@ def test_device_masks_in_chunks_for_large_images(tiny_dir, monkeypatch):
 
 def test_other_recipes_end_to_end(tiny_dir):
     """MedSAM's original recipe (square resize, postprocess 'resize') through the postprocessing graph."""
-    p = _recipe("resize", 1024)
+    p = postprocess_recipe("resize", 1024)
     graphs = (tiny_dir / "encoder.fp32.onnx", tiny_dir / "decoder.fp32.onnx")
     plain = MedSAM(p, *graphs, model_id="tiny-square")
     bound = MedSAM(

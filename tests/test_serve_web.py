@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import postprocess_recipe
 
 from medsam_rt import MedSAM
 from medsam_rt.core.postprocess import chain
@@ -47,21 +48,9 @@ def test_upscale_js_equals_library(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:256, 0:256]
     cases, refs = [], []
-    for mode, pad, resize in (
-        ("crop_resize", 256, "longest_side"),
-        ("upscale_crop_resize", 1024, "longest_side"),
-        ("resize", 1024, "square"),
-    ):
+    for mode, pad in (("crop_resize", 256), ("upscale_crop_resize", 1024), ("resize", 1024)):
         for h, w, thr in ((128, 128, 0.0), (300, 517, 0.3), (1000, 37, 0.0), (1111, 1500, -0.5)):
-            p = Preprocessing(
-                resize=resize,
-                size=pad,
-                interpolation="bilinear",
-                normalize="minmax",
-                pad_size=(pad, pad),
-                postprocess=mode,
-                mask_threshold=thr,
-            )
+            p = postprocess_recipe(mode, pad, thr)
             rs = resized_shape((h, w), p)
             logits = 20 * np.sin(yy / 9.0) * np.cos(xx / 13.0) + rng.normal(0, 3, (256, 256))
             logits = logits.astype(np.float32)
