@@ -170,15 +170,19 @@ class ImageStore:
         return entry
 
     def display(self, entry: ImageEntry, k: int) -> np.ndarray:
-        """``entry.display(k)`` (read-only), kept in a bounded cache shared by all images."""
+        """``entry.display(k)`` (read-only), kept in a bounded cache shared by all images when it had to be
+        windowed; an 8-bit slice is the scan's own (a read-only view, nothing copied or cached)."""
+        if entry.value_range is None:
+            view = entry.display(k).view()
+            view.setflags(write=False)
+            return view
         key = (entry.id, k)
         with self._lock:
             cached = self._displays.get(key)
             if cached is not None:
                 self._displays.move_to_end(key)
                 return cached
-        image = entry.display(k)
-        image = image.copy() if not image.flags.owndata else image
+        image = entry.display(k)  # windowed: a new array of its own
         image.setflags(write=False)
         with self._lock:
             if key not in self._displays and image.nbytes <= self.display_cache_bytes:
