@@ -192,18 +192,13 @@ def run_batch(
         failures_path = out / FAILURES_FILE
         counts = {"ok": 0, "failed": 0}
         stages: dict[str, float] = {}
-        first: list[float] = []  # times of the engine's first and latest outcomes
-        last: list[float] = []
+        times: list[float] = []  # when each of the engine's outcomes arrived
         with (
             open(failures_path, "w", encoding="utf-8") as failures,
             Progress(len(job_list), "batch", enabled=progress) as bar,
         ):
 
             def record(outcome: JobOutcome) -> None:
-                now = time.perf_counter()
-                if not first:
-                    first.append(now)
-                last[:] = [now]
                 if outcome.status == "failed":
                     _write_failure(failures, outcome)
                 if outcome.status in counts:
@@ -225,14 +220,11 @@ def run_batch(
                 else:
                     todo.append(job)
             engine_start = time.perf_counter()
-            first.clear()
-            last.clear()
-            from_engine = 0
             if todo:
                 run = _run_local if engine == "local" else _run_ray
                 for outcome in run(todo, spec, out, workers, address):
+                    times.append(time.perf_counter())
                     record(outcome)
-                    from_engine += 1
         seconds = time.perf_counter() - started
         ran = counts["ok"] + counts["failed"]
     return BatchSummary(
@@ -244,9 +236,9 @@ def run_batch(
         failed=counts["failed"],
         skipped=skipped,
         seconds=seconds,
-        startup=(first[0] if first else time.perf_counter()) - engine_start,
+        startup=(times[0] if times else time.perf_counter()) - engine_start,
         throughput=ran / seconds if seconds > 0 else 0.0,
-        steady_throughput=(from_engine - 1) / (last[0] - first[0]) if first and last[0] > first[0] else 0.0,
+        steady_throughput=(len(times) - 1) / (times[-1] - times[0]) if times and times[-1] > times[0] else 0.0,
         stages=stages,
         failures=os.fspath(failures_path),
     )
