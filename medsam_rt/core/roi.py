@@ -80,6 +80,10 @@ def plan_windows(
     if margin < 0 or min_side <= 0 or max_side < min_side:
         raise ValueError(f"roi margin={margin}, min_side={min_side}, max_side={max_side}: expected margin >= 0 and "
                          "0 < min_side <= max_side")  # fmt: skip
+
+    def side_of(union: np.ndarray) -> float:  # the square window's side around a union box
+        return max(min_side, (1 + 2 * margin) * float(max(union[2] - union[0], union[3] - union[1])))
+
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     band = max(min_side, 1)
     order = sorted(range(len(boxes)), key=lambda k: (int(centres[k, 1] // band), centres[k, 0]))
@@ -88,8 +92,7 @@ def plan_windows(
         placed = False
         for g, (union, members) in enumerate(groups[-8:], start=max(0, len(groups) - 8)):  # recent windows only
             merged = np.r_[np.minimum(union[:2], boxes[k, :2]), np.maximum(union[2:], boxes[k, 2:])]
-            side = max(min_side, (1 + 2 * margin) * float(max(merged[2] - merged[0], merged[3] - merged[1])))
-            if side <= max_side:
+            if side_of(merged) <= max_side:
                 groups[g] = (merged, [*members, k])
                 placed = True
                 break
@@ -97,8 +100,7 @@ def plan_windows(
             groups.append((boxes[k].copy(), [k]))
     windows = []
     for union, members in groups:
-        side = max(min_side, (1 + 2 * margin) * float(max(union[2] - union[0], union[3] - union[1])))
-        y0, x0, h, w = _square((union[0] + union[2]) / 2, (union[1] + union[3]) / 2, side, image_size)
+        y0, x0, h, w = _square((union[0] + union[2]) / 2, (union[1] + union[3]) / 2, side_of(union), image_size)
         windows.append(Window(y0, x0, h, w, tuple(sorted(members))))
     return windows
 
@@ -109,11 +111,19 @@ class RoiUpscale:
     ``self(low_res)`` gives float32 ``(n, H, W)`` logits at the original resolution for the boxes in order (``-inf``
     outside each box's window, where its mask is background); ``window(values, rows, cols)`` as
     :meth:`~medsam_rt.core.postprocess.UpscaleChain.window` for box ``k``'s logits (rows and columns inside its window).
+    ``windows``: the windows that were embedded.
     """
 
-    def __init__(self, image_size: tuple[int, int], chains: list[UpscaleChain], offsets: list[tuple[int, int]]):
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        chains: list[UpscaleChain],
+        offsets: list[tuple[int, int]],
+        windows: list[Window],
+    ):
         self.image_size = image_size
         self._chains, self._offsets = chains, offsets
+        self.windows = windows
 
     def window_of(self, k: int, values: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         oy, ox = self._offsets[k]
@@ -181,8 +191,7 @@ def segment_roi(
             scores[k] = seg.scores[j]
             low_res[k] = seg.low_res_logits[j]
             chains[k], offsets[k] = up, (win.y0, win.x0)
-    upscale = RoiUpscale(size, chains, offsets)  # type: ignore[arg-type]
-    upscale.windows = windows  # type: ignore[attr-defined]
+    upscale = RoiUpscale(size, chains, offsets, windows)  # type: ignore[arg-type]
     logits = np.stack(low_res)  # type: ignore[arg-type]
     masks = Masks(size, crops, logits_in=lambda k, rows, cols: upscale.window_of(k, logits[k], rows, cols))
     return Segmentation(boxes=boxes, crops=masks, scores=scores, low_res_logits=logits, upscale=upscale)
